@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL ?= Qwen/Qwen3-TTS-12Hz-0.6B-Base
 TINY := checkpoints/tiny-base
 
-.PHONY: venv run test test-slow lint fmt reference checkpoints clean
+.PHONY: venv proto run test test-slow lint fmt reference checkpoints clean
+
+GEN := qwen3tts_rt/v1/tts_pb2.py
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -19,7 +21,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-venv: $(BIN)/.installed
+# Generated gRPC stubs (never edited, not committed): qwen3tts_rt/v1/*_pb2*.py
+$(GEN): proto/qwen3tts_rt/v1/tts.proto $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+proto: $(GEN)
+
+venv: $(BIN)/.installed $(GEN)
 
 run: venv
 	$(BIN)/qwen3tts-rt synth --model $(MODEL) --text "Hello! This is Qwen3-TTS speaking in real time." \

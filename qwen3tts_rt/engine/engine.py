@@ -1,0 +1,456 @@
+"""The streaming engine: sessions fed text token by token, one device worker thread.
+
+``Engine`` owns the model and a single worker thread. Callers (gRPC handlers on an
+asyncio loop, CLIs, tests) talk to it only through ``Session`` methods, which enqueue
+commands and return at once, and through each session's output ``Channel``. The worker
+applies the commands, then runs one ``FrameGenerator.tick`` over every live utterance
+(one batched talker step + batched code-predictor steps), decodes the new frames with
+each session's streaming decoder, and emits PCM packets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3tts_rt.engine.channel import Channel
+from qwen3tts_rt.engine.generation import FinishReason, FrameCap, FrameGenerator, Phase, UtteranceState
+from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer
+from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
+from qwen3tts_rt.engine.synth import new_utterance
+from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError
+from qwen3tts_rt.model.checkpoint import Checkpoint
+from qwen3tts_rt.model.prompt import VoicePrompt, check_voice, resolve_language
+from qwen3tts_rt.model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_sessions: int = 16  # live sessions (each holds one talker KV slot)
+    first_packet_frames: int = 1  # frames in the first packet of an utterance
+    packet_frames: int = 1  # frames in each later packet
+    max_utterance_chars: int = 20_000  # text per utterance
+    frame_cap: FrameCap = field(
+        default_factory=FrameCap
+    )  # frames per utterance: base + per_token * text tokens
+    idle_wait_s: float = 0.02  # worker wait when nothing can move
+
+    def validated(self) -> EngineConfig:
+        for name in ("max_sessions", "first_packet_frames", "packet_frames", "max_utterance_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        return self
+
+
+@dataclass
+class _Utterance:
+    uid: int
+    tokenizer: IncrementalTokenizer
+    seed: int | None
+    client_id: str = ""
+    state: UtteranceState | None = None
+    text_ended: bool = False
+    chars: int = 0
+    char_ends: list[int] = field(default_factory=list)  # end offset of each text token
+    first_delta_at: float | None = None
+    first_packet_at: float | None = None
+    compute_s: float = 0.0
+    frames: int = 0
+    samples: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_from: int = 0
+    dec_state: Any = None
+    ids_before_start: list[int] = field(default_factory=list)  # text ids that arrived before a slot
+
+
+class Session:
+    """One client stream. Thread-safe; every method returns immediately."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        sid: int,
+        voice: VoicePrompt,
+        language: str,
+        params: SamplingParams,
+        seed: int | None,
+        first_packet_frames: int,
+        packet_frames: int,
+    ) -> None:
+        self.engine = engine
+        self.id = sid
+        self.voice = voice
+        self.language = language
+        self.params = params
+        self.seed = seed
+        self.first_packet_frames = first_packet_frames
+        self.packet_frames = packet_frames
+        self.out: Channel[EngineMessage] = Channel()
+        self.opened_at = time.perf_counter()
+        # worker-side state
+        self._utterances: list[_Utterance] = []
+        self._uids = itertools.count()
+        self._seq = 0
+        self._closed = False
+        self._close_when_done = False
+
+    # ------------------------------------------------------------------ client API
+
+    def push_text(self, delta: str) -> None:
+        self.engine._command(self, "text", delta)
+
+    def end_text(self) -> None:
+        """End of text: finish speaking, then the session closes."""
+        self.engine._command(self, "end", None)
+
+    def flush(self, client_id: str = "") -> None:
+        """End the current utterance; later text starts the next one (same voice)."""
+        self.engine._command(self, "flush", client_id)
+
+    def cancel(self) -> None:
+        """Barge-in: stop speaking within one frame and drop queued audio."""
+        self.engine._command(self, "cancel", None)
+
+    def close(self) -> None:
+        """Drop everything and free the slot (client went away). Safe to call twice."""
+        self.engine._command(self, "close", None)
+
+    def messages(self, timeout: float | None = None) -> Iterator[EngineMessage]:
+        """Blocking iterator over output messages until the session closes."""
+        while True:
+            msg = self.out.get(timeout)
+            yield msg
+            if isinstance(msg, (SessionClosed, SessionError)):
+                return
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None) -> None:
+        self.ckpt = ckpt
+        self.config = (config or EngineConfig()).validated()
+        self._gen = FrameGenerator(ckpt.model, self.config.max_sessions)
+        self._free_slots = list(range(self.config.max_sessions))
+        self._commands: queue.SimpleQueue[tuple[Session, str, Any]] = queue.SimpleQueue()
+        self._sessions: dict[int, Session] = {}
+        self._waiting: list[tuple[Session, _Utterance]] = []  # utterances without a slot yet
+        self._sids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._live = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwen3tts-device", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def live_sessions(self) -> int:
+        with self._lock:
+            return self._live
+
+    def open_session(
+        self,
+        voice: VoicePrompt,
+        language: str = "auto",
+        params: SamplingParams | None = None,
+        *,
+        seed: int | None = None,
+        first_packet_frames: int | None = None,
+        packet_frames: int | None = None,
+    ) -> Session:
+        """Validate the request and open a session; raises InvalidInputError on bad
+        input and CapacityError when ``max_sessions`` sessions are live."""
+        check_voice(self.ckpt.model, voice)
+        resolve_language(self.ckpt.model, language, voice.speaker)
+        params = (params or SamplingParams.from_generation_config(self.ckpt.generation_config)).validated()
+        fp = first_packet_frames or self.config.first_packet_frames
+        pf = packet_frames or self.config.packet_frames
+        for name, v in (("first_packet_frames", fp), ("packet_frames", pf)):
+            if not 1 <= v <= 100:
+                raise InvalidInputError(f"{v} is out of range: 1 <= {name} <= 100", field=name)
+        with self._lock:
+            if self._live >= self.config.max_sessions:
+                raise CapacityError(
+                    f"server at its limit of {self.config.max_sessions} live sessions (max_sessions); retry later"
+                )
+            self._live += 1
+        s = Session(self, next(self._sids), voice, language, params, seed, fp, pf)
+        self._commands.put((s, "open", None))
+        return s
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the worker; sessions still open get a SessionError. Safe to call twice."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker side
+
+    def _command(self, s: Session, op: str, arg: Any) -> None:
+        self._commands.put((s, op, arg))
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stop.is_set():
+                busy = self._tick()
+                self._drain(block=not busy)
+        except Exception:  # pragma: no cover - a bug in the worker itself
+            log.exception("device worker crashed")
+            for s in list(self._sessions.values()):
+                s.out.put(SessionError("the device worker stopped; see the server log"))
+        finally:
+            for s in list(self._sessions.values()):
+                s.out.put(SessionError("server shutting down", kind="unavailable"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = (
+                self._commands.get(timeout=self.config.idle_wait_s) if block else self._commands.get_nowait()
+            )
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*item)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, s: Session, op: str, arg: Any) -> None:
+        if s._closed:
+            return
+        try:
+            if op == "open":
+                self._sessions[s.id] = s
+                self._new_utterance(s)
+            elif op == "text":
+                self._push_text(s, arg)
+            elif op == "flush":
+                self._end_current_text(s, client_id=arg)
+                self._new_utterance(s)
+            elif op == "end":
+                self._end_current_text(s)
+                s._close_when_done = True
+                self._maybe_close(s)
+            elif op == "cancel":
+                self._cancel(s)
+                self._new_utterance(s)
+            elif op == "close":
+                self._cancel(s, emit=False)
+                self._close(s)
+        except InvalidInputError as e:
+            s.out.put(SessionError(str(e), kind="invalid"))
+            self._cancel(s, emit=False)
+            self._close(s, send_closed=False)
+
+    # --- utterance bookkeeping
+
+    def _new_utterance(self, s: Session) -> _Utterance:
+        k = next(s._uids)
+        seed = None if s.seed is None else s.seed + k
+        u = _Utterance(uid=k, tokenizer=IncrementalTokenizer(self.ckpt.tokenizer), seed=seed)
+        s._utterances.append(u)
+        if len(s._utterances) == 1:
+            self._start(s, u)
+        return u
+
+    def _start(self, s: Session, u: _Utterance) -> None:
+        if not self._free_slots:
+            self._waiting.append((s, u))
+            return
+        slot = self._free_slots.pop(0)
+        u.state = new_utterance(self.ckpt, s.voice, s.language, s.params, seed=u.seed, slot=slot)
+        u.dec_state = self.ckpt.codec.decoder.new_state(1, self.ckpt.codec.device, self.ckpt.codec.dtype)
+        if s.voice.ref_codes is not None:  # continue the audio of the reference
+            self.ckpt.codec.decoder.decode_step(
+                s.voice.ref_codes[None].to(self.ckpt.codec.device), u.dec_state
+            )
+        u.state.sched.push(u.ids_before_start)  # text that arrived while it waited for a slot
+        u.ids_before_start = []
+        if u.text_ended:
+            u.state.sched.end()
+            u.state.max_frames = self.config.frame_cap.frames(s.params, len(u.char_ends))
+
+    def _feed(self, u: _Utterance, ids: list[int]) -> None:
+        u.char_ends.extend(u.tokenizer.char_ends[len(u.char_ends) : len(u.char_ends) + len(ids)])
+        if u.state is not None:
+            u.state.sched.push(ids)
+        else:
+            u.ids_before_start.extend(ids)
+
+    def _push_text(self, s: Session, delta: str) -> None:
+        u = s._utterances[-1]
+        if u.text_ended:
+            u = self._new_utterance(s)
+        if u.chars + len(delta) > self.config.max_utterance_chars:
+            raise TextTooLongError(
+                f"utterance text exceeds {self.config.max_utterance_chars} characters "
+                "(max_utterance_chars); flush between sentences",
+                field="text",
+            )
+        if u.first_delta_at is None:
+            u.first_delta_at = time.perf_counter()
+        u.chars += len(delta)
+        self._feed(u, u.tokenizer.push(delta))
+
+    def _end_current_text(self, s: Session, client_id: str = "") -> None:
+        u = s._utterances[-1]
+        if u.text_ended:
+            return
+        self._feed(u, u.tokenizer.end())
+        u.text_ended = True
+        u.client_id = client_id
+        if not u.char_ends:  # nothing to say: finish without audio
+            self._finish(s, u, FinishReason.EOS)
+            return
+        if u.state is not None:
+            u.state.sched.end()
+            u.state.max_frames = self.config.frame_cap.frames(s.params, len(u.char_ends))
+
+    def _cancel(self, s: Session, emit: bool = True) -> None:
+        for u in list(s._utterances):
+            self._finish(s, u, FinishReason.CANCELLED, emit=emit)
+        s._utterances.clear()
+        s.out.drop(lambda m: isinstance(m, PcmPacket))
+
+    def _finish(self, s: Session, u: _Utterance, reason: FinishReason, emit: bool = True) -> None:
+        if reason is not FinishReason.CANCELLED:
+            self._flush_packet(s, u)
+        if u.state is not None:
+            self._free_slots.append(u.state.slot)
+            u.state.phase = Phase.DONE
+            u.state = None
+            self._admit_waiting()
+        else:
+            self._waiting = [(ws, wu) for ws, wu in self._waiting if wu is not u]
+        if u in s._utterances:
+            s._utterances.remove(u)
+        if reason is FinishReason.CAP:
+            log.warning(
+                "session %d utterance %d hit the frame cap (%d frames): no EOS", s.id, u.uid, u.frames
+            )
+        if emit and (u.frames or reason is not FinishReason.EOS or u.char_ends or u.client_id):
+            audio_s = u.samples / self.ckpt.codec.sample_rate
+            latency = None
+            if u.first_packet_at is not None and u.first_delta_at is not None:
+                latency = u.first_packet_at - u.first_delta_at
+            s.out.put(
+                UtteranceDone(
+                    utterance_id=u.uid,
+                    reason=reason.value,
+                    frames=u.frames,
+                    audio_seconds=audio_s,
+                    first_packet_latency_s=latency,
+                    rtf=(u.compute_s / audio_s) if audio_s > 0 else None,
+                    client_id=u.client_id,
+                    timings={"compute_s": u.compute_s},
+                )
+            )
+        if s._utterances and s._utterances[0].state is None and (s, s._utterances[0]) not in self._waiting:
+            self._start(s, s._utterances[0])
+        self._maybe_close(s)
+
+    def _admit_waiting(self) -> None:
+        while self._free_slots and self._waiting:
+            ws, wu = self._waiting.pop(0)
+            self._start(ws, wu)
+
+    def _maybe_close(self, s: Session) -> None:
+        if s._close_when_done and not s._utterances:
+            self._close(s)
+
+    def _close(self, s: Session, send_closed: bool = True) -> None:
+        if s._closed:
+            return
+        s._closed = True
+        self._sessions.pop(s.id, None)
+        with self._lock:
+            self._live -= 1
+        if send_closed:
+            s.out.put(SessionClosed())
+
+    # --- packets
+
+    def _emit_frame_audio(self, s: Session, u: _Utterance, pcm: np.ndarray) -> None:
+        u.pending.append(pcm)
+        u.frames += 1
+        want = s.first_packet_frames if u.first_packet_at is None else s.packet_frames
+        if len(u.pending) >= want:
+            self._flush_packet(s, u)
+
+    def _flush_packet(self, s: Session, u: _Utterance) -> None:
+        if not u.pending:
+            return
+        pcm = np.concatenate(u.pending)
+        now = time.perf_counter()
+        consumed_tokens = 0
+        if u.state is not None:
+            consumed_tokens = u.state.sched.text_tokens_consumed(u.state.positions_consumed)
+        chars = u.char_ends[consumed_tokens - 1] if consumed_tokens else 0
+        s.out.put(
+            PcmPacket(
+                utterance_id=u.uid,
+                seq=s._seq,
+                sample_offset=u.samples,
+                frame_start=u.pending_from,
+                frame_end=u.pending_from + len(u.pending),
+                pcm=pcm,
+                chars_consumed=chars,
+                emitted_at=now,
+            )
+        )
+        if u.first_packet_at is None:
+            u.first_packet_at = now
+        s._seq += 1
+        u.samples += len(pcm)
+        u.pending_from += len(u.pending)
+        u.pending = []
+
+    def _tick(self) -> bool:
+        """One generation tick over every live utterance; True if anything moved."""
+        live: list[tuple[Session, _Utterance]] = []
+        for s in self._sessions.values():
+            if s._utterances and s._utterances[0].state is not None:
+                live.append((s, s._utterances[0]))
+        if not live:
+            return False
+        states = [u.state for _, u in live]
+        phases = [st.phase for st in states]  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        try:
+            produced = self._gen.tick(states)  # type: ignore[arg-type]
+        except Exception as e:
+            log.exception("generation step failed")
+            for s, _ in live:
+                s.out.put(SessionError(f"generation failed: {type(e).__name__}: {e}"))
+                self._cancel(s, emit=False)
+                self._close(s, send_closed=False)
+            return True
+        by_state = {id(u.state): (s, u) for s, u in live}
+        dec = self.ckpt.codec.decoder
+        for st, frame in produced:
+            s, u = by_state[id(st)]
+            pcm = dec.decode_step(frame.view(1, 1, -1).to(self.ckpt.codec.device), u.dec_state)
+            self._emit_frame_audio(s, u, pcm[0].float().cpu().numpy())
+        elapsed = time.perf_counter() - t0
+        moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))  # type: ignore[union-attr]
+        if moved:
+            for _, u in live:
+                u.compute_s += elapsed / len(live)
+        for s, u in live:
+            done = u.state
+            if done is not None and done.phase is Phase.DONE and done.finish is not None:
+                self._finish(s, u, done.finish)
+        return moved
