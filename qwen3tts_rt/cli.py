@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(sy)
     sy.add_argument("--out", required=True, help="output WAV (24 kHz mono 16-bit)")
     sy.add_argument("--codes-out", help="codec frames as int64 .npy [frames, 16]")
+    st = sy.add_argument_group("streaming (through the streaming engine)")
+    st.add_argument("--stream", action="store_true", help="feed the text in deltas like an LLM would")
+    st.add_argument(
+        "--text-chunk", type=int, default=4, help="characters per text delta (default %(default)s)"
+    )
+    st.add_argument("--tokens-per-second", type=float, default=0.0, help="deltas per second; 0 = all at once")
+    st.add_argument("--first-packet-frames", type=int, default=1)
+    st.add_argument("--packet-frames", type=int, default=1, help="frames (80 ms each) per packet")
+    st.add_argument("--quiet", action="store_true", help="summary only, no per-packet lines")
 
     cl = sub.add_parser("clone", help="compute a reusable voice clone prompt from reference audio")
     _add_model_args(cl)
@@ -69,7 +79,96 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--ref-text")
     cl.add_argument("--x-vector-only", action="store_true")
     cl.add_argument("--out", required=True, help="prompt file (.safetensors)")
+
+    _add_server_parsers(sub)
     return ap
+
+
+# --------------------------------------------------------------------------- server and clients
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--addr", default="127.0.0.1:50051", help="server address (default: %(default)s)")
+    p.add_argument(
+        "--auth-token", default=os.environ.get("QWEN3TTS_RT_TOKEN"), help="bearer token ($QWEN3TTS_RT_TOKEN)"
+    )
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    p.add_argument("--tls-ca", help="connect with TLS, trusting this root certificate (PEM)")
+    p.add_argument("--timeout", type=float, default=600.0, help="call deadline in seconds")
+
+
+def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from qwen3tts_rt.server.config import ServerConfig, default_voices_dir
+
+    d = ServerConfig()
+    sv = sub.add_parser("serve", help="serve the gRPC API (qwen3tts-rt and Riva-compatible)")
+    sv.add_argument(
+        "--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)"
+    )
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sv.add_argument("--host", default=d.host, help="listen address (default: %(default)s; 0.0.0.0 for all)")
+    sv.add_argument("--port", type=int, default=d.port, help="gRPC port (default: %(default)s; 0 = any free)")
+    sv.add_argument("--metrics-host", default=d.metrics_host)
+    sv.add_argument(
+        "--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port; -1: off"
+    )
+    sv.add_argument(
+        "--voices-dir", type=Path, default=default_voices_dir(), help="voice store (default: %(default)s)"
+    )
+    sv.add_argument("--max-sessions", type=int, default=d.max_sessions, help="live streams at most")
+    sv.add_argument("--max-utterance-chars", type=int, default=d.max_utterance_chars)
+    sv.add_argument("--max-voices", type=int, default=d.max_voices)
+    sv.add_argument(
+        "--first-packet-frames", type=int, default=d.first_packet_frames, help="default, 80 ms each"
+    )
+    sv.add_argument("--packet-frames", type=int, default=d.packet_frames, help="default, 80 ms each")
+    sv.add_argument("--default-voice", help="voice id or speaker for requests that name none (Riva clients)")
+    sv.add_argument(
+        "--auth-token",
+        default=os.environ.get("QWEN3TTS_RT_TOKEN"),
+        help="require this bearer token ($QWEN3TTS_RT_TOKEN)",
+    )
+    sv.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
+    sv.add_argument("--tls-key", type=Path, help="PEM private key")
+    sv.add_argument("--grace", type=float, default=d.drain_grace_s, help="SIGTERM drain grace in seconds")
+    sv.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up utterance")
+    sv.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+    sy = sub.add_parser("say", help="stream a text token by token to a server, like an LLM; write a WAV")
+    _add_client_args(sy)
+    sy.add_argument("--text", required=True)
+    g = sy.add_argument_group("voice (one of)")
+    g.add_argument("--voice", help="voice id (see `qwen3tts-rt voice list`)")
+    g.add_argument("--speaker", help="built-in speaker (CustomVoice checkpoints)")
+    g.add_argument("--ref-audio", help="reference audio to clone inline (not stored)")
+    g.add_argument("--ref-text", help="transcript of --ref-audio")
+    g.add_argument("--x-vector-only", action="store_true")
+    sy.add_argument("--instruct", help="voice description (VoiceDesign) / style")
+    sy.add_argument("--language", default="auto")
+    sy.add_argument("--tokens-per-second", type=float, default=20.0, help="text rate; 0 = all at once")
+    sy.add_argument("--sample-rate", type=int, default=24000, help="output rate in Hz")
+    sy.add_argument("--first-packet-frames", type=int, default=0, help="0 = server default")
+    sy.add_argument("--packet-frames", type=int, default=0, help="0 = server default")
+    sy.add_argument("--greedy", action="store_true")
+    sy.add_argument("--seed", type=int)
+    sy.add_argument("--temperature", type=float)
+    sy.add_argument("--max-new-tokens", type=int)
+    sy.add_argument("--out", required=True, help="output WAV (16-bit mono)")
+
+    vo = sub.add_parser("voice", help="manage the server's stored voices")
+    vsub = vo.add_subparsers(dest="voice_cmd", required=True)
+    vc = vsub.add_parser("create", help="clone a voice from reference audio; prints its id")
+    _add_client_args(vc)
+    vc.add_argument("--ref-audio", required=True, help="WAV/FLAC/MP3/OGG/M4A file")
+    vc.add_argument("--ref-text", default="", help="its transcript (ICL cloning); omit with --x-vector-only")
+    vc.add_argument("--x-vector-only", action="store_true")
+    vc.add_argument("--name", default="", help="display name")
+    vl = vsub.add_parser("list", help="list stored voices")
+    _add_client_args(vl)
+    vd = vsub.add_parser("delete", help="delete a stored voice")
+    _add_client_args(vd)
+    vd.add_argument("voice_id")
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict[str, object]:
@@ -115,6 +214,9 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
     tts = Qwen3TTS.from_pretrained(a.model, dtype=a.dtype, device=a.device)
     voice = _voice(tts, a)
+    if a.stream:
+        _synth_stream(tts, voice, a)
+        return
     res = tts.synthesize(a.text, a.language, voice, **_sampling_kwargs(a))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_wav(a.out, res.wav, res.sample_rate)
@@ -126,6 +228,81 @@ def cmd_synth(a: argparse.Namespace) -> None:
         f"(finished by {res.finish.value}); first frame {t['first_frame_s'] * 1000:.0f} ms, "
         f"total {t['total_s']:.2f} s, RTF {t['rtf']:.3f}"
     )
+
+
+def _synth_stream(tts, voice, a: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from qwen3tts_rt.audio import write_wav
+    from qwen3tts_rt.engine.engine import Engine, EngineConfig
+    from qwen3tts_rt.engine.messages import PcmPacket, SessionError, UtteranceDone
+
+    kw = _sampling_kwargs(a)
+    params, seed = tts.sampling(**kw)
+    engine = Engine(tts.ckpt, EngineConfig(max_sessions=1))
+    try:
+        s = engine.open_session(
+            voice,
+            a.language,
+            params,
+            seed=seed,
+            first_packet_frames=a.first_packet_frames,
+            packet_frames=a.packet_frames,
+        )
+        step = max(a.text_chunk, 1)
+        deltas = [a.text[i : i + step] for i in range(0, len(a.text), step)]
+        period = 1.0 / a.tokens_per_second if a.tokens_per_second > 0 else 0.0
+        t0 = time.perf_counter()
+
+        def feed() -> None:
+            for i, d in enumerate(deltas):
+                if period:
+                    time.sleep(max(0.0, t0 + i * period - time.perf_counter()))
+                s.push_text(d)
+            s.end_text()
+
+        threading.Thread(target=feed, daemon=True).start()
+        pcm: list[np.ndarray] = []
+        codes: list[np.ndarray] = []
+        gaps: list[float] = []
+        last: float | None = None
+        sr = tts.ckpt.codec.sample_rate
+        for m in s.messages(timeout=600):
+            if isinstance(m, PcmPacket):
+                t = m.emitted_at - t0
+                gap: float | None = None if last is None else t - last
+                if gap is not None:
+                    gaps.append(gap)
+                last = t
+                pcm.append(m.pcm)
+                codes.append(m.codes)
+                if not a.quiet:
+                    g = "" if gap is None else f"  gap {gap * 1000:6.1f} ms"
+                    print(
+                        f"packet {m.seq:4d}  frames {m.frame_start:4d}-{m.frame_end:<4d} at {t * 1000:8.1f} ms"
+                        f"{g}  read {m.chars_consumed}/{len(a.text)} chars"
+                    )
+            elif isinstance(m, UtteranceDone):
+                wall = time.perf_counter() - t0
+                ttfp = (m.first_packet_latency_s or 0) * 1000
+                print(
+                    f"first packet {ttfp:.0f} ms after the first text delta; {m.frames} frames, "
+                    f"{m.audio_seconds:.2f} s audio (finished by {m.reason}); RTF {m.rtf or 0:.3f} compute, "
+                    f"{wall / max(m.audio_seconds, 1e-9):.3f} wall; "
+                    f"gap p50 {1000 * float(np.median(gaps) if gaps else 0):.1f} ms, "
+                    f"max {1000 * max(gaps, default=0):.1f} ms"
+                )
+            elif isinstance(m, SessionError):
+                raise SystemExit(f"error: {m.message}")
+        wav = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        write_wav(a.out, wav, sr)
+        if a.codes_out:
+            np.save(a.codes_out, np.concatenate(codes).astype(np.int64))
+        print(f"{a.out}: {len(wav) / sr:.2f} s of audio at {sr} Hz")
+    finally:
+        engine.shutdown()
 
 
 def cmd_clone(a: argparse.Namespace) -> None:
@@ -140,7 +317,141 @@ def cmd_clone(a: argparse.Namespace) -> None:
     print(f"wrote voice clone prompt ({mode}) to {a.out}")
 
 
-COMMANDS = {"make-checkpoint": cmd_make_checkpoint, "synth": cmd_synth, "clone": cmd_clone}
+def _auto_device(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import asyncio
+
+    from qwen3tts_rt.server.app import serve
+    from qwen3tts_rt.server.config import ServerConfig
+
+    device, dtype = _auto_device(a.device, a.dtype)
+    try:
+        config = ServerConfig(
+            model=a.model,
+            device=device,
+            dtype=dtype,
+            host=a.host,
+            port=a.port,
+            metrics_host=a.metrics_host,
+            metrics_port=None if a.metrics_port is not None and a.metrics_port < 0 else a.metrics_port,
+            voices_dir=a.voices_dir,
+            max_sessions=a.max_sessions,
+            max_utterance_chars=a.max_utterance_chars,
+            max_voices=a.max_voices,
+            first_packet_frames=a.first_packet_frames,
+            packet_frames=a.packet_frames,
+            default_voice=a.default_voice,
+            auth_token=a.auth_token or None,
+            tls_cert=a.tls_cert,
+            tls_key=a.tls_key,
+            drain_grace_s=a.grace,
+            warmup=not a.no_warmup,
+            torch_threads=a.torch_threads,
+        ).validated()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    asyncio.run(serve(config))
+
+
+def _client(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from qwen3tts_rt.server.client import auth_metadata, connect
+    from qwen3tts_rt.v1 import tts_pb2_grpc
+
+    channel = connect(a.addr, tls_ca=a.tls_ca, tls=a.tls)
+    return tts_pb2_grpc.TextToSpeechStub(channel), auth_metadata(a.auth_token)
+
+
+def _rpc_error(e: Exception) -> int:
+    import grpc
+
+    if isinstance(e, grpc.RpcError):
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    raise e
+
+
+def cmd_say(a: argparse.Namespace) -> None:
+    from qwen3tts_rt.audio import write_wav
+    from qwen3tts_rt.server.client import format_say, say
+    from qwen3tts_rt.v1 import tts_pb2 as pb
+
+    stub, md = _client(a)
+    cfg = pb.StreamConfig(
+        language=a.language,
+        sample_rate_hz=a.sample_rate,
+        first_packet_frames=a.first_packet_frames,
+        packet_frames=a.packet_frames,
+        instruct=a.instruct or "",
+    )
+    if a.voice:
+        cfg.voice_id = a.voice
+    elif a.speaker:
+        cfg.speaker = a.speaker
+    elif a.ref_audio:
+        cfg.clone.ref_audio = Path(a.ref_audio).read_bytes()
+        cfg.clone.ref_text = a.ref_text or ""
+        cfg.clone.x_vector_only = a.x_vector_only
+    if a.greedy:
+        cfg.sampling.greedy = True
+    if a.temperature is not None:
+        cfg.sampling.temperature = a.temperature
+    if a.max_new_tokens is not None:
+        cfg.sampling.max_new_tokens = a.max_new_tokens
+    if a.seed is not None:
+        cfg.seed = a.seed
+    res = say(stub, cfg, a.text, tokens_per_second=a.tokens_per_second, metadata=md, timeout=a.timeout)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    write_wav(a.out, res.pcm, res.sample_rate)
+    print(format_say(res, a.out))
+
+
+def cmd_voice(a: argparse.Namespace) -> None:
+    from qwen3tts_rt.v1 import tts_pb2 as pb
+
+    stub, md = _client(a)
+    if a.voice_cmd == "create":
+        v = stub.CreateVoice(
+            pb.CreateVoiceRequest(
+                ref_audio=Path(a.ref_audio).read_bytes(),
+                ref_text=a.ref_text,
+                x_vector_only=a.x_vector_only,
+                display_name=a.name,
+            ),
+            metadata=md,
+            timeout=a.timeout,
+        )
+        for note in v.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(v.voice_id)
+    elif a.voice_cmd == "list":
+        voices = stub.ListVoices(pb.ListVoicesRequest(), metadata=md, timeout=a.timeout).voices
+        for v in voices:
+            mode = "x-vector" if v.x_vector_only else "icl"
+            print(f"{v.voice_id}\t{mode}\t{v.ref_audio_seconds:.1f}s\t{v.display_name}")
+        if not voices:
+            print("(no voices)", file=sys.stderr)
+    else:
+        stub.DeleteVoice(pb.DeleteVoiceRequest(voice_id=a.voice_id), metadata=md, timeout=a.timeout)
+        print(f"deleted {a.voice_id}")
+
+
+COMMANDS = {
+    "make-checkpoint": cmd_make_checkpoint,
+    "synth": cmd_synth,
+    "clone": cmd_clone,
+    "serve": cmd_serve,
+    "say": cmd_say,
+    "voice": cmd_voice,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     except Qwen3TTSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        return _rpc_error(e)
     return 0
 
 

@@ -18,15 +18,15 @@ import torch
 
 from qwen3tts_rt.api import Qwen3TTS
 from qwen3tts_rt.engine.voices import create_voice_clone_prompt, voice_prompt
-from tests.reference.checkpoints import build, weights_hash
+from tests.reference.checkpoints import weights_hash
 
 DATA = Path(__file__).parent / "reference" / "data"
 MANIFEST = json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Qwen3TTS]:
-    dirs = build(tmp_path_factory.mktemp("refck"))
+def models(ref_checkpoint_dirs: dict[str, Path]) -> dict[str, Qwen3TTS]:
+    dirs = ref_checkpoint_dirs
     for name, d in dirs.items():
         if name in MANIFEST["checkpoints"]:
             assert weights_hash(d) == MANIFEST["checkpoints"][name], (

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ class _Utterance:
     frames: int = 0
     samples: int = 0
     pending: list[np.ndarray] = field(default_factory=list)
+    pending_codes: list[np.ndarray] = field(default_factory=list)
     pending_from: int = 0
     dec_state: Any = None
     ids_before_start: list[int] = field(default_factory=list)  # text ids that arrived before a slot
@@ -148,6 +149,8 @@ class Engine:
         self._lock = threading.Lock()
         self._live = 0
         self._stop = threading.Event()
+        # Observer called on the worker thread after each tick that moved: (batch size, seconds).
+        self.on_tick: Callable[[int, float], None] | None = None
         self._thread = threading.Thread(target=self._run, name="qwen3tts-device", daemon=True)
         self._thread.start()
 
@@ -173,8 +176,8 @@ class Engine:
         check_voice(self.ckpt.model, voice)
         resolve_language(self.ckpt.model, language, voice.speaker)
         params = (params or SamplingParams.from_generation_config(self.ckpt.generation_config)).validated()
-        fp = first_packet_frames or self.config.first_packet_frames
-        pf = packet_frames or self.config.packet_frames
+        fp = self.config.first_packet_frames if first_packet_frames is None else first_packet_frames
+        pf = self.config.packet_frames if packet_frames is None else packet_frames
         for name, v in (("first_packet_frames", fp), ("packet_frames", pf)):
             if not 1 <= v <= 100:
                 raise InvalidInputError(f"{v} is out of range: 1 <= {name} <= 100", field=name)
@@ -341,7 +344,7 @@ class Engine:
             log.warning(
                 "session %d utterance %d hit the frame cap (%d frames): no EOS", s.id, u.uid, u.frames
             )
-        if emit and (u.frames or reason is not FinishReason.EOS or u.char_ends or u.client_id):
+        if emit and (u.frames or u.chars or u.client_id):  # an utterance with no text stays silent
             audio_s = u.samples / self.ckpt.codec.sample_rate
             latency = None
             if u.first_packet_at is not None and u.first_delta_at is not None:
@@ -383,8 +386,9 @@ class Engine:
 
     # --- packets
 
-    def _emit_frame_audio(self, s: Session, u: _Utterance, pcm: np.ndarray) -> None:
+    def _emit_frame_audio(self, s: Session, u: _Utterance, pcm: np.ndarray, frame: np.ndarray) -> None:
         u.pending.append(pcm)
+        u.pending_codes.append(frame)
         u.frames += 1
         want = s.first_packet_frames if u.first_packet_at is None else s.packet_frames
         if len(u.pending) >= want:
@@ -407,6 +411,7 @@ class Engine:
                 frame_start=u.pending_from,
                 frame_end=u.pending_from + len(u.pending),
                 pcm=pcm,
+                codes=np.stack(u.pending_codes),
                 chars_consumed=chars,
                 emitted_at=now,
             )
@@ -417,6 +422,7 @@ class Engine:
         u.samples += len(pcm)
         u.pending_from += len(u.pending)
         u.pending = []
+        u.pending_codes = []
 
     def _tick(self) -> bool:
         """One generation tick over every live utterance; True if anything moved."""
@@ -443,12 +449,14 @@ class Engine:
         for st, frame in produced:
             s, u = by_state[id(st)]
             pcm = dec.decode_step(frame.view(1, 1, -1).to(self.ckpt.codec.device), u.dec_state)
-            self._emit_frame_audio(s, u, pcm[0].float().cpu().numpy())
+            self._emit_frame_audio(s, u, pcm[0].float().cpu().numpy(), frame.numpy().astype(np.int64))
         elapsed = time.perf_counter() - t0
         moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))  # type: ignore[union-attr]
         if moved:
             for _, u in live:
                 u.compute_s += elapsed / len(live)
+            if self.on_tick is not None:
+                self.on_tick(len(live), elapsed)
         for s, u in live:
             done = u.state
             if done is not None and done.phase is Phase.DONE and done.finish is not None:

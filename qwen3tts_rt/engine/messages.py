@@ -16,6 +16,7 @@ class PcmPacket:
     frame_start: int  # codec frames [frame_start, frame_end) of the utterance
     frame_end: int
     pcm: np.ndarray  # float32 mono at the codec rate
+    codes: np.ndarray  # [frame_end - frame_start, G] int64 codec frames of this packet
     chars_consumed: int  # characters of the utterance's text the talker has consumed
     emitted_at: float  # time.perf_counter() when the worker emitted it
 
