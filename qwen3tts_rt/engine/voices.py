@@ -160,3 +160,80 @@ def voice_prompt(
             instruct_ids=instruct_ids,
         )
     return VoicePrompt(speaker=speaker, instruct_ids=instruct_ids)
+
+
+def clone_request_key(ref_audio: bytes, ref_text: str | None, x_vector_only: bool) -> str:
+    """Content hash of a clone request: the same audio, transcript and mode give the same
+    prompt, so it is computed once."""
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(ref_audio).digest())
+    h.update(b"\x00" + ("" if x_vector_only else (ref_text or "")).encode())
+    h.update(b"x" if x_vector_only else b"i")
+    return h.hexdigest()
+
+
+class PromptCache:
+    """In-memory LRU of computed clone prompts keyed by request content hash, bounded in
+    bytes. Thread-safe; a prompt is computed outside the lock, so two identical
+    concurrent requests may both compute it once (the result is the same)."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        import collections
+        import threading
+
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, VoiceClonePrompt] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def get(self, key: str) -> VoiceClonePrompt | None:
+        with self._lock:
+            p = self._items.get(key)
+            if p is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return p
+
+    def put(self, key: str, prompt: VoiceClonePrompt) -> None:
+        size = prompt.nbytes()
+        with self._lock:
+            if key in self._items or size > self.max_bytes:
+                return
+            self._items[key] = prompt
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes()
+
+    def get_or_create(
+        self,
+        ckpt: Checkpoint,
+        ref_audio: bytes,
+        ref_text: str | None,
+        x_vector_only: bool,
+        rules: ReferenceAudioRules | None = None,
+    ) -> VoiceClonePrompt:
+        """The prompt for these bytes, computed at most once while it stays cached.
+        Client bytes are never read as a file name."""
+        key = clone_request_key(ref_audio, ref_text, x_vector_only)
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        prompt = create_voice_clone_prompt(
+            ckpt, ref_audio, ref_text, x_vector_only=x_vector_only, rules=rules, allow_paths=False
+        )
+        self.put(key, prompt)
+        return prompt
