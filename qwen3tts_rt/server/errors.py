@@ -1,0 +1,120 @@
+"""The one place where domain errors become gRPC status codes.
+
+* ``InvalidInputError`` (and subclasses)      -> INVALID_ARGUMENT (message names field and rule)
+* ``CapacityError``                           -> RESOURCE_EXHAUSTED
+* ``NotFoundError``                           -> NOT_FOUND
+* ``UnavailableError`` (not ready, draining)  -> UNAVAILABLE
+* ``ModelUnavailableError``/``CheckpointError`` -> FAILED_PRECONDITION
+* a failure inside an engine session          -> by ``SessionError.kind``
+* anything else                               -> INTERNAL (details only in the server log)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+
+from qwen3tts_rt.errors import (
+    CapacityError,
+    CheckpointError,
+    InvalidInputError,
+    ModelUnavailableError,
+    NotFoundError,
+    Qwen3TTSError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UnavailableError(Qwen3TTSError):
+    """The server cannot take the call now (model still loading, or draining)."""
+
+
+class SessionFailedError(Qwen3TTSError):
+    """An engine session ended with a ``SessionError``; ``kind`` picks the status code."""
+
+    def __init__(self, message: str, *, kind: str = "internal") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ModelUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+_SESSION_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "capacity": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, client-facing message) for an exception."""
+    if isinstance(exc, SessionFailedError):
+        return _SESSION_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc)
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def with_field_prefix(exc: InvalidInputError, prefix: str) -> InvalidInputError:
+    """Qualify the field an error names with where it sits in the request
+    (``temperature`` -> ``config.sampling.temperature``)."""
+    if exc.field and not exc.field.startswith(prefix):
+        exc.field = f"{prefix}{exc.field}"
+    elif not exc.field:
+        exc.field = prefix.rstrip(".")
+    return exc
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error in an RPC", exc_info=exc)
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an async servicer method (coroutine or async generator): domain errors
+    raised inside it end the RPC with their status code; any other exception ends it
+    with INTERNAL (logged with its traceback). Cancellation passes through."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def gen_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await abort(context, e)
+
+        return gen_wrapper
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort(context, e)
+
+    return wrapper

@@ -1,0 +1,174 @@
+"""Server interceptors: bearer-token auth and per-RPC status counting."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from qwen3tts_rt import metrics
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behaviour is ``wrap(behaviour)`` (same RPC kind)."""
+    kw = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
+
+
+def _around(behaviour: Callable[..., Any], before: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
+    """``behaviour`` (coroutine or async generator) preceded by ``await before(context)``."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await before(context)
+            async for item in behaviour(request, context):
+                yield item
+
+        return gen
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await before(context)
+        return await behaviour(request, context)
+
+    return coro
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC except health checks needs ``authorization: Bearer <token>`` metadata
+    (compared in constant time); otherwise UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def _ok(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key.lower() == "authorization":
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(got, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if (
+            handler is None
+            or method.startswith(HEALTH_PREFIX)
+            or self._ok(handler_call_details.invocation_metadata)
+        ):
+            return handler
+
+        async def deny(context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong credentials: send metadata 'authorization: Bearer <token>'",
+            )
+
+        return _wrap(handler, lambda b: _around(b, deny))
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    if context.cancelled():
+        return "CANCELLED"
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for sc in grpc.StatusCode:  # some versions report the integer value
+        if sc.value[0] == code:
+            return sc.name
+    return str(code)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts finished RPCs by service, method and status code (``qwen3tts_rpcs_total``)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        _, service, name = ([*handler_call_details.method.split("/"), "", ""])[:3]
+
+        async def count(context: grpc.aio.ServicerContext) -> None:
+            context.add_done_callback(lambda ctx: metrics.RPCS.labels(service, name, _code_name(ctx)).inc())
+
+        return _wrap(handler, lambda b: _around(b, count))
+
+
+class InFlightInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs in flight on the given services, so that a drain can wait for them
+    (and only them: health watchers and reflection streams never end on their own)."""
+
+    def __init__(self, services: tuple[str, ...]) -> None:
+        self._prefixes = tuple(f"/{s}/" for s in services)
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        return _wrap(handler, self._tracked)
+
+    def _enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                self._enter()
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                finally:
+                    self._exit()
+
+            return gen
+
+        async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter()
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._exit()
+
+        return coro

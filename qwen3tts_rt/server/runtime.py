@@ -1,0 +1,360 @@
+"""What the servicers share: the loaded checkpoint, the engine, the voice store, and the
+mapping from request fields to engine inputs (voices, sampling, output format).
+
+Tensor work never runs on the asyncio loop: generation runs on the engine's device
+thread, and voice cloning (speaker encoder + codec encoder) on one voice thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3tts_rt import metrics
+from qwen3tts_rt.audio import SUPPORTED_OUTPUT_RATES, PcmEncoding, load_reference_audio
+from qwen3tts_rt.engine.engine import Engine, EngineConfig, Session
+from qwen3tts_rt.engine.messages import SessionClosed, SessionError
+from qwen3tts_rt.engine.voices import (
+    VoiceClonePrompt,
+    create_voice_clone_prompt,
+    model_fingerprint,
+    voice_prompt,
+)
+from qwen3tts_rt.errors import InvalidInputError, NotFoundError, UnknownVoiceError
+from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
+from qwen3tts_rt.model.prompt import VoicePrompt
+from qwen3tts_rt.model.sampling import SamplingParams
+from qwen3tts_rt.server.config import ServerConfig
+from qwen3tts_rt.server.errors import UnavailableError, with_field_prefix
+from qwen3tts_rt.server.voice_store import VoiceRecord, VoiceStore, is_valid_voice_id, request_hash
+from qwen3tts_rt.v1 import tts_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+ENCODINGS: dict[int, PcmEncoding] = {
+    pb.AUDIO_ENCODING_UNSPECIFIED: PcmEncoding.PCM_S16LE,
+    pb.PCM_S16LE: PcmEncoding.PCM_S16LE,
+    pb.FLOAT32_LE: PcmEncoding.FLOAT32_LE,
+    pb.MULAW: PcmEncoding.MULAW,
+    pb.ALAW: PcmEncoding.ALAW,
+}
+MAX_SEED = 2**63 - 1 - 1_000_000  # the engine adds the utterance index to the seed
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    sample_rate: int
+    encoding: PcmEncoding
+
+
+def output_format(sample_rate_hz: int, encoding: int, *, prefix: str = "config.") -> OutputFormat:
+    rate = sample_rate_hz or 24000
+    if rate not in SUPPORTED_OUTPUT_RATES:
+        allowed = ", ".join(str(r) for r in SUPPORTED_OUTPUT_RATES)
+        raise InvalidInputError(
+            f"{sample_rate_hz} Hz is not supported; choose one of {allowed} (0 = 24000)",
+            field=f"{prefix}sample_rate_hz",
+        )
+    if encoding not in ENCODINGS:
+        raise InvalidInputError(
+            f"encoding {encoding} is not supported; choose one of PCM_S16LE, FLOAT32_LE, MULAW, ALAW",
+            field=f"{prefix}encoding",
+        )
+    return OutputFormat(rate, ENCODINGS[encoding])
+
+
+@dataclass(frozen=True)
+class ClonedVoice:
+    prompt: VoiceClonePrompt
+    seconds: float
+    notes: list[str]
+
+
+class Runtime:
+    """Owns the model, the engine and the voice store once ``load`` has run."""
+
+    def __init__(self, config: ServerConfig, ckpt: Checkpoint | None = None) -> None:
+        self.config = config
+        self.ckpt: Checkpoint | None = ckpt
+        self.engine: Engine | None = None
+        self.store: VoiceStore | None = None
+        self.ready = False
+        self.draining = False
+        self.model_id = config.model
+        self._voice_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3tts-voices")
+
+    # ------------------------------------------------------------------ life cycle
+
+    def load(self) -> None:
+        """Load the checkpoint (unless given), start the engine, open the voice store and
+        warm up. Blocking: call it from a thread."""
+        cfg = self.config
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        if self.ckpt is None:
+            t0 = time.perf_counter()
+            self.ckpt = load_checkpoint(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
+        self.engine = Engine(
+            self.ckpt,
+            EngineConfig(
+                max_sessions=cfg.max_sessions,
+                first_packet_frames=cfg.first_packet_frames,
+                packet_frames=cfg.packet_frames,
+                max_utterance_chars=cfg.max_utterance_chars,
+            ),
+        )
+        if hasattr(self.engine, "on_tick"):
+            self.engine.on_tick = metrics.observe_tick
+        metrics.track_engine(self.engine)
+        self.store = VoiceStore(
+            cfg.voices_dir,
+            model_fingerprint(self.ckpt),
+            max_voices=cfg.max_voices,
+            cache_bytes=cfg.voice_cache_bytes,
+        )
+        if cfg.warmup:
+            t0 = time.perf_counter()
+            self._warmup()
+            log.info("warmed up in %.2f s", time.perf_counter() - t0)
+        self.ready = True
+
+    def shutdown(self) -> None:
+        """Stop the engine and the voice thread. Safe to call twice."""
+        self.ready = False
+        if self.engine is not None:
+            self.engine.shutdown()
+            metrics.untrack_engine(self.engine)
+        self._voice_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warmup(self) -> None:
+        ckpt, engine = self.checkpoint, self.require_engine()
+        kind = ckpt.config.tts_model_type
+        if kind == "base":
+            t = np.arange(int(1.5 * 24000)) / 24000
+            wav = 0.2 * np.sum([np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 5)], axis=0)
+            wav = wav.astype(np.float32)
+            clone = create_voice_clone_prompt(ckpt, wav, "Warm up.", sample_rate=24000, allow_paths=False)
+            voice = voice_prompt(ckpt, clone=clone)
+        elif kind == "custom_voice":
+            voice = voice_prompt(ckpt, speaker=ckpt.config.speakers[0])
+        else:
+            voice = voice_prompt(ckpt, instruct="A clear, calm voice.")
+        params = SamplingParams.greedy(max_new_tokens=4)
+        session = engine.open_session(voice, "auto", params)
+        session.push_text("Hello.")
+        session.end_text()
+        for msg in session.messages(timeout=600):
+            if isinstance(msg, SessionError):
+                raise RuntimeError(f"warm-up failed: {msg.message}")
+            if isinstance(msg, SessionClosed):
+                break
+
+    # ------------------------------------------------------------------ access
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise UnavailableError("the server is shutting down; retry on another instance")
+        if not self.ready:
+            raise UnavailableError("the model is still loading; retry shortly (see the health service)")
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self.ckpt is None:
+            raise UnavailableError("the model is still loading")
+        return self.ckpt
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise UnavailableError("the model is still loading")
+        return self.engine
+
+    def require_store(self) -> VoiceStore:
+        if self.store is None:
+            raise UnavailableError("the model is still loading")
+        return self.store
+
+    async def in_voice_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._voice_pool, lambda: fn(*args, **kw))
+
+    # ------------------------------------------------------------------ voices
+
+    def _clone_blocking(
+        self, ref_audio: Any, ref_text: str, x_vector_only: bool, sample_rate: int | None
+    ) -> ClonedVoice:
+        ckpt = self.checkpoint
+        rules = self.config.ref_audio
+        audio = load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=False)
+        prompt = create_voice_clone_prompt(
+            ckpt,
+            audio.wav,
+            ref_text or None,
+            x_vector_only=x_vector_only,
+            sample_rate=audio.sample_rate,
+            rules=rules,
+            allow_paths=False,
+        )
+        notes = list(audio.notes) + list(audio.warnings)
+        return ClonedVoice(dataclasses.replace(prompt, notes=tuple(notes)), audio.duration_s, notes)
+
+    async def clone(
+        self,
+        ref_audio: bytes | np.ndarray,
+        ref_text: str,
+        x_vector_only: bool,
+        *,
+        sample_rate: int | None = None,
+    ) -> ClonedVoice:
+        """Reference audio -> clone prompt, on the voice thread."""
+        if isinstance(ref_audio, bytes) and not ref_audio:
+            raise InvalidInputError(
+                "is empty: send the bytes of a WAV/FLAC/MP3/OGG/M4A recording", field="ref_audio"
+            )
+        result: ClonedVoice = await self.in_voice_thread(
+            self._clone_blocking, ref_audio, ref_text, x_vector_only, sample_rate
+        )
+        return result
+
+    async def create_voice(
+        self, ref_audio: bytes, ref_text: str, x_vector_only: bool, display_name: str
+    ) -> VoiceRecord:
+        store = self.require_store()
+        if len(display_name) > self.config.max_display_name_chars or not display_name.isprintable():
+            raise InvalidInputError(
+                f"must be printable text of at most {self.config.max_display_name_chars} characters",
+                field="display_name",
+            )
+        key = request_hash(ref_audio, ref_text, x_vector_only, display_name)
+        existing = store.find_by_request(key)
+        if existing is not None:  # computed once: the same request returns the same voice
+            return existing
+        cloned = await self.clone(ref_audio, ref_text, x_vector_only)
+        rec: VoiceRecord = await self.in_voice_thread(
+            store.create,
+            cloned.prompt,
+            display_name=display_name,
+            ref_audio_seconds=cloned.seconds,
+            req_hash=key,
+            notes=cloned.notes,
+        )
+        return rec
+
+    async def stored_prompt(self, voice_id: str, *, field: str) -> VoiceClonePrompt:
+        store = self.require_store()
+        if not is_valid_voice_id(voice_id):
+            raise UnknownVoiceError(f"unknown voice id '{voice_id[:80]}'; see ListVoices", field=field)
+        try:
+            prompt: VoiceClonePrompt = await self.in_voice_thread(store.prompt, voice_id)
+        except NotFoundError:
+            raise UnknownVoiceError(
+                f"unknown voice id '{voice_id[:80]}'; see ListVoices", field=field
+            ) from None
+        return prompt
+
+    async def voice_from_config(self, cfg: pb.StreamConfig) -> VoicePrompt:
+        """The ``VoicePrompt`` a StreamConfig asks for (fields named ``config.*`` in errors)."""
+        ckpt = self.checkpoint
+        which = cfg.WhichOneof("voice")
+        instruct = cfg.instruct or None
+        if which == "voice_id":
+            prompt = await self.stored_prompt(cfg.voice_id, field="config.voice_id")
+            return voice_prompt(ckpt, clone=prompt, instruct=instruct)
+        if which == "clone":
+            try:
+                cloned = await self.clone(cfg.clone.ref_audio, cfg.clone.ref_text, cfg.clone.x_vector_only)
+            except InvalidInputError as e:
+                raise with_field_prefix(e, "config.clone.") from None
+            return voice_prompt(ckpt, clone=cloned.prompt, instruct=instruct)
+        if which == "speaker":
+            return voice_prompt(ckpt, speaker=cfg.speaker, instruct=instruct)
+        if instruct is None and self.config.default_voice:
+            return await self.named_voice(self.config.default_voice, field="config.voice")
+        return voice_prompt(ckpt, instruct=instruct)
+
+    async def named_voice(self, name: str, *, field: str, instruct: str | None = None) -> VoicePrompt:
+        """A voice id of the store, or a built-in speaker."""
+        ckpt = self.checkpoint
+        if is_valid_voice_id(name) and self.require_store().has(name):
+            prompt = await self.stored_prompt(name, field=field)
+            return voice_prompt(ckpt, clone=prompt, instruct=instruct)
+        if name.lower() in ckpt.config.talker.speakers:
+            return voice_prompt(ckpt, speaker=name.lower(), instruct=instruct)
+        known = ", ".join(ckpt.config.speakers) or "none (this checkpoint clones voices: see ListVoices)"
+        raise UnknownVoiceError(
+            f"unknown voice '{name[:80]}': not a voice id; built-in speakers: {known}", field=field
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    def sampling(self, sp: pb.SamplingParams, *, prefix: str = "config.sampling.") -> SamplingParams:
+        ckpt = self.checkpoint
+        overrides: dict[str, Any] = {}
+        for name in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "repetition_penalty",
+            "max_new_tokens",
+            "subtalker_temperature",
+            "subtalker_top_k",
+            "subtalker_top_p",
+        ):
+            if sp.HasField(name):
+                overrides[name] = getattr(sp, name)
+        if sp.HasField("greedy") and sp.greedy:
+            overrides.update(do_sample=False, subtalker_do_sample=False)
+        try:
+            return SamplingParams.from_generation_config(ckpt.generation_config, **overrides)
+        except InvalidInputError as e:
+            raise with_field_prefix(e, prefix) from None
+
+    def open_session(
+        self,
+        voice: VoicePrompt,
+        language: str,
+        params: SamplingParams,
+        *,
+        seed: int | None,
+        first_packet_frames: int | None = None,
+        packet_frames: int | None = None,
+        prefix: str = "config.",
+    ) -> Session:
+        self.check_ready()
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise InvalidInputError(f"{seed} is out of range: 0 <= seed <= {MAX_SEED}", field=f"{prefix}seed")
+        try:
+            return self.require_engine().open_session(
+                voice,
+                language or "auto",
+                params,
+                seed=seed,
+                first_packet_frames=first_packet_frames,
+                packet_frames=packet_frames,
+            )
+        except InvalidInputError as e:
+            raise with_field_prefix(e, prefix) from None
+
+    async def session_from_config(self, cfg: pb.StreamConfig) -> tuple[Session, OutputFormat]:
+        self.check_ready()
+        fmt = output_format(cfg.sample_rate_hz, cfg.encoding)
+        params = self.sampling(cfg.sampling)
+        voice = await self.voice_from_config(cfg)
+        seed = cfg.seed if cfg.HasField("seed") else None
+        session = self.open_session(
+            voice,
+            cfg.language,
+            params,
+            seed=seed,
+            first_packet_frames=cfg.first_packet_frames or None,
+            packet_frames=cfg.packet_frames or None,
+        )
+        return session, fmt

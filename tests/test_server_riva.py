@@ -1,0 +1,178 @@
+"""The Riva-compatible service with the stock ``nvidia-riva-client`` package: its
+talk-style command line (``--stream``, ``--list-voices``) against a live server, and
+the library calls directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import riva.client
+from riva.client.proto import riva_tts_pb2
+
+from qwen3tts_rt.audio import resample
+from qwen3tts_rt.engine.synth import synthesize
+from qwen3tts_rt.engine.voices import create_voice_clone_prompt, voice_prompt
+from qwen3tts_rt.model.checkpoint import Checkpoint
+from qwen3tts_rt.server.app import ServerThread
+from qwen3tts_rt.v1 import tts_pb2 as pb
+from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
+from tests.server_helpers import int16, rpc_error, start_server
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TALK = os.environ.get("RIVA_TALK_PY") or str(Path(__file__).with_name("riva_talk.py"))
+TEXT = "Hello world."
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_loaded: Callable[..., Checkpoint]) -> Checkpoint:
+    # Riva clients cannot ask for greedy decoding: the checkpoint's defaults are greedy.
+    return tiny_loaded("base", 0, greedy_defaults=True)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    srv = start_server(ckpt, tmp_path_factory.mktemp("voices"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ref_wav(speech_wav: Callable[..., bytes]) -> bytes:
+    return speech_wav(1.5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def voice_id(server: ServerThread, ref_wav: bytes) -> str:
+    with grpc.insecure_channel(server.address) as ch:
+        req = pb.CreateVoiceRequest(ref_audio=ref_wav, x_vector_only=True, display_name="riva")
+        return pb_grpc.TextToSpeechStub(ch).CreateVoice(req).voice_id
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt: Checkpoint, ref_wav: bytes) -> np.ndarray:
+    """24 kHz float audio the server must produce for TEXT with the stored voice."""
+    clone = create_voice_clone_prompt(ckpt, ref_wav, x_vector_only=True, allow_paths=False)
+    return synthesize(ckpt, voice_prompt(ckpt, clone=clone), TEXT, "english").wav
+
+
+def talk(server: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, TALK, "--server", server.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2"), w.getframerate()
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_talk_stream_writes_a_correct_wav(
+    server: ServerThread, voice_id: str, reference: np.ndarray, tmp_path: Path, rate: int
+) -> None:
+    out = tmp_path / f"talk-{rate}.wav"
+    proc = talk(
+        server, "--stream", "--text", TEXT, "--voice", f"Qwen3-TTS.{voice_id}",
+        "--language-code", "en-US", "--sample-rate-hz", str(rate), "-o", str(out),
+    )  # fmt: skip
+    assert "Time to first audio" in proc.stdout
+    pcm, got_rate = read_wav(out)
+    assert got_rate == rate
+    np.testing.assert_array_equal(pcm, int16(resample(reference, 24000, rate)))
+
+
+def test_talk_without_a_voice_uses_the_first_stored_one(
+    server: ServerThread, voice_id: str, reference: np.ndarray, tmp_path: Path
+) -> None:
+    out = tmp_path / "default.wav"
+    talk(server, "--stream", "--text", TEXT, "--sample-rate-hz", "24000", "-o", str(out))
+    pcm, _ = read_wav(out)
+    np.testing.assert_array_equal(pcm, int16(reference))
+
+
+def test_talk_zero_shot_prompt_file(
+    server: ServerThread, ref_wav: bytes, reference: np.ndarray, tmp_path: Path
+) -> None:
+    prompt = tmp_path / "prompt.wav"
+    prompt.write_bytes(ref_wav)
+    out = tmp_path / "zero-shot.wav"
+    talk(
+        server,
+        "--stream",
+        "--text",
+        TEXT,
+        "--audio_prompt_file",
+        str(prompt),
+        "--sample-rate-hz",
+        "24000",
+        "-o",
+        str(out),
+    )
+    pcm, _ = read_wav(out)
+    np.testing.assert_array_equal(pcm, int16(reference))  # no transcript: x-vector clone
+
+
+def test_talk_list_voices(server: ServerThread, voice_id: str) -> None:
+    listed = json.loads(talk(server, "--list-voices").stdout)
+    assert f"Qwen3-TTS.{voice_id}" in listed["en-US"]["voices"]
+    assert {"zh-CN", "de-DE", "ja-JP"} <= set(listed)
+
+
+def test_unary_synthesize_with_the_library(
+    server: ServerThread, voice_id: str, reference: np.ndarray
+) -> None:
+    service = riva.client.SpeechSynthesisService(riva.client.Auth(uri=server.address))
+    resp = service.synthesize(TEXT, f"Qwen3-TTS.{voice_id}", "en-US", sample_rate_hz=22050)
+    np.testing.assert_array_equal(np.frombuffer(resp.audio, "<i2"), int16(resample(reference, 24000, 22050)))
+    # old one-request streaming clients: one request, then the stream of audio
+    chunks = list(service.synthesize_online(TEXT, voice_id, "english", sample_rate_hz=24000))
+    assert len(chunks) > 5
+    np.testing.assert_array_equal(np.frombuffer(b"".join(c.audio for c in chunks), "<i2"), int16(reference))
+
+
+def test_riva_errors(server: ServerThread, voice_id: str) -> None:
+    service = riva.client.SpeechSynthesisService(riva.client.Auth(uri=server.address))
+    cases = [
+        (lambda: service.synthesize(TEXT, voice_id, "xx-XX"), "language_code"),
+        (lambda: service.synthesize(TEXT, "Qwen3-TTS.nobody", "en-US"), "voice_name"),
+        (lambda: service.synthesize(TEXT, voice_id, "en-US", sample_rate_hz=12345), "sample_rate_hz"),
+        (
+            lambda: service.synthesize(TEXT, voice_id, "en-US", encoding=riva.client.AudioEncoding.OGGOPUS),
+            "encoding",
+        ),
+        (lambda: service.synthesize("", voice_id, "en-US"), "text"),
+        (
+            lambda: list(service.synthesize_online(TEXT, voice_id, "fr-CA", sample_rate_hz=8001)),
+            "sample_rate_hz",
+        ),
+    ]
+    for fn, field in cases:
+        err = rpc_error(fn)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert err.details().startswith(f"{field}:"), err.details()
+
+
+def test_riva_config_filter(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.address) as ch:
+        from riva.client.proto import riva_tts_pb2_grpc
+
+        stub = riva_tts_pb2_grpc.RivaSpeechSynthesisStub(ch)
+        resp = stub.GetRivaSynthesisConfig(riva_tts_pb2.RivaSynthesisConfigRequest(model_name="other"))
+        assert len(resp.model_config) == 0
