@@ -26,6 +26,8 @@ from qwen3tts_rt.engine.messages import PcmPacket, UtteranceDone
 from qwen3tts_rt.engine.synth import new_utterance
 from qwen3tts_rt.engine.voices import create_voice_clone_prompt, voice_prompt
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
+from qwen3tts_rt.model.decoder_pool import DecoderPool
+from qwen3tts_rt.model.layers import attention_backend
 from qwen3tts_rt.model.sampling import SamplingParams
 
 TEXT = "Hello! This is a benchmark of the streaming engine, speaking while the text still arrives."
@@ -42,15 +44,19 @@ def device_name(dev: torch.device) -> str:
     return f"cpu-{torch.get_num_threads()}threads"
 
 
-def stage_costs(ckpt: Checkpoint, voice, frames: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def stage_costs(ckpt: Checkpoint, voice, frames: int, cfg: EngineConfig) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Median ms per frame of: talker step, code predictor (15 steps), streaming decoder
-    step, and re-decoding 25 frames of left context + 1 new frame."""
+    step, and re-decoding 25 frames of left context + 1 new frame. The talker and code
+    predictor run as the engine runs them (on CUDA: static cache, captured graphs); the
+    decoder is timed both plain (``decode_step``) and as the engine's slot pool step."""
     dev = ckpt.model.device
     params = SamplingParams.greedy(max_new_tokens=frames + 2)
     st = new_utterance(ckpt, voice, "english", params, seed=None, slot=0)
     st.sched.push(ckpt.tokenizer.text_ids(TEXT))
     st.sched.end()
-    gen = FrameGenerator(ckpt.model, slots=1)
+    fast = cfg.fast_path(dev)
+    gen = FrameGenerator(ckpt.model, slots=1, fast=fast)
+    gen.warmup()  # CUDA graphs (no-op on CPU)
     gen.tick([st])  # prefill + first frame
     talker, predictor = [], []
     codes = []
@@ -71,6 +77,15 @@ def stage_costs(ckpt: Checkpoint, voice, frames: int) -> dict[str, float]:  # ty
     cdev = ckpt.codec.device
     seq = torch.stack(codes).to(cdev)  # [T, G]
     state = dec.new_state(1, cdev, ckpt.codec.dtype)
+    pool = DecoderPool(dec, 1, fast, cdev, ckpt.codec.dtype)
+    pool.warmup()
+    pooled = []
+    for i in range(len(seq)):
+        _sync(cdev)
+        t0 = time.perf_counter()
+        pool.step([0], seq[i : i + 1])
+        _sync(cdev)
+        pooled.append(time.perf_counter() - t0)
     stream, redecode = [], []
     for i in range(len(seq)):
         _sync(cdev)
@@ -90,19 +105,22 @@ def stage_costs(ckpt: Checkpoint, voice, frames: int) -> dict[str, float]:  # ty
         "talker_step_ms": ms(talker),
         "code_predictor_15_steps_ms": ms(predictor),
         "decoder_streaming_step_ms": ms(stream),
+        "decoder_pool_step_ms": ms(pooled),
         "decoder_redecode_25_left_context_ms": ms(redecode) if redecode else float("nan"),
         "redecode_over_streaming_ratio": (ms(redecode) / ms(stream)) if redecode else float("nan"),
         "frame_total_streaming_ms": ms(talker) + ms(predictor) + ms(stream),
+        "frame_total_engine_ms": ms(talker) + ms(predictor) + ms(pooled),
         "frame_audio_ms": 80.0,
     }
 
 
-def first_packet(ckpt: Checkpoint, voice, runs: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def first_packet(ckpt: Checkpoint, voice, runs: int, cfg: EngineConfig) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Time from the first text delta to the first PCM packet through the engine (the
     session is opened first, so the text-independent prefix is already prefilled)."""
-    eng = Engine(ckpt, EngineConfig(max_sessions=1))
+    eng = Engine(ckpt, cfg)
     lat = []
     try:
+        eng.warmup()
         for _ in range(runs):
             s = eng.open_session(voice, "english", SamplingParams.greedy(max_new_tokens=3))
             time.sleep(0.5)  # let the prefix prefill finish, as on a live call
@@ -119,6 +137,14 @@ def first_packet(ckpt: Checkpoint, voice, runs: int) -> dict[str, float]:  # typ
     return {"first_packet_ms_p50": 1000 * statistics.median(lat), "runs": len(lat)}
 
 
+def fast_path_info(ckpt: Checkpoint, cfg: EngineConfig | None = None) -> dict[str, object]:
+    fast = (cfg or EngineConfig()).fast_path(ckpt.model.device)
+    backend = (
+        attention_backend(ckpt.model.device, ckpt.model.dtype, fast.attention) if fast.static else "sdpa"
+    )
+    return {**fast.__dict__, "attention_backend": backend}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
@@ -127,7 +153,19 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out-root", default="benchmarks/results")
+    fp = ap.add_argument_group("fast path (defaults: on for CUDA, off on CPU)")
+    fp.add_argument("--static", action=argparse.BooleanOptionalAction, default=None, help="static KV cache")
+    fp.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None, help="CUDA graphs")
+    fp.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
+    fp.add_argument("--max-positions", type=int, default=EngineConfig.max_positions)
     a = ap.parse_args()
+    cfg = EngineConfig(
+        max_sessions=1,
+        static_kv=a.static,
+        cuda_graphs=a.graphs,
+        attention=a.attention,
+        max_positions=a.max_positions,
+    )
     ckpt = load_checkpoint(a.model, device=a.device, dtype=a.dtype)
     rng = np.random.default_rng(0)
     ref = (0.1 * rng.standard_normal(24000 * 3)).astype(np.float32)
@@ -144,8 +182,9 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "date": dt.date.today().isoformat(),
-        "stages": stage_costs(ckpt, voice, a.frames),
-        "engine": first_packet(ckpt, voice, a.runs),
+        "fast_path": fast_path_info(ckpt, cfg),
+        "stages": stage_costs(ckpt, voice, a.frames, cfg),
+        "engine": first_packet(ckpt, voice, a.runs, cfg),
     }
     out = Path(a.out_root) / f"{result['device']}-{preset}-{result['date']}"
     out.mkdir(parents=True, exist_ok=True)

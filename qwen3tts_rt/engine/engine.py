@@ -4,8 +4,12 @@
 asyncio loop, CLIs, tests) talk to it only through ``Session`` methods, which enqueue
 commands and return at once, and through each session's output ``Channel``. The worker
 applies the commands, then runs one ``FrameGenerator.tick`` over every live utterance
-(one batched talker step + batched code-predictor steps), decodes the new frames with
-each session's streaming decoder, and emits PCM packets.
+(one batched talker step + batched code-predictor steps), decodes the new frames in one
+batched step of the streaming decoder (each session's state lives in its slot of a
+``DecoderPool``), and emits PCM packets.
+
+On CUDA the steps run the fast path by default (static KV cache, batch buckets, CUDA
+graphs captured by ``warmup()``): see ``EngineConfig`` and ``model/cuda_graphs.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed,
 from qwen3tts_rt.engine.synth import new_utterance
 from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError
 from qwen3tts_rt.model.checkpoint import Checkpoint
+from qwen3tts_rt.model.cuda_graphs import DEFAULT_MAX_POSITIONS, FastPath
+from qwen3tts_rt.model.decoder_pool import DecoderPool
 from qwen3tts_rt.model.prompt import VoicePrompt, check_voice, resolve_language
 from qwen3tts_rt.model.sampling import SamplingParams
 
@@ -45,12 +51,28 @@ class EngineConfig:
         default_factory=FrameCap
     )  # frames per utterance: base + per_token * text tokens
     idle_wait_s: float = 0.02  # worker wait when nothing can move
+    # --- the fast path (model/cuda_graphs.py). None: on for CUDA, off on CPU.
+    static_kv: bool | None = None  # preallocated KV caches, steps padded to batch buckets
+    cuda_graphs: bool | None = None  # replay the bucketed steps as CUDA graphs (CUDA + static_kv only)
+    max_positions: int = DEFAULT_MAX_POSITIONS  # talker positions per slot in the static cache
+    batch_buckets: tuple[int, ...] = ()  # () = 1, 2, 4, ... up to max_sessions
+    attention: str = "auto"  # 'auto' (flash-attn when usable, else SDPA), 'sdpa' or 'flash'
 
     def validated(self) -> EngineConfig:
         for name in ("max_sessions", "first_packet_frames", "packet_frames", "max_utterance_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         return self
+
+    def fast_path(self, device: torch.device) -> FastPath:
+        return FastPath.resolve(
+            device,
+            static=self.static_kv,
+            cuda_graphs=self.cuda_graphs,
+            max_positions=self.max_positions,
+            buckets=self.batch_buckets,
+            attention=self.attention,
+        )
 
 
 @dataclass
@@ -71,7 +93,6 @@ class _Utterance:
     pending: list[np.ndarray] = field(default_factory=list)
     pending_codes: list[np.ndarray] = field(default_factory=list)
     pending_from: int = 0
-    dec_state: Any = None
     ids_before_start: list[int] = field(default_factory=list)  # text ids that arrived before a slot
 
 
@@ -140,9 +161,12 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None) -> None:
         self.ckpt = ckpt
         self.config = (config or EngineConfig()).validated()
-        self._gen = FrameGenerator(ckpt.model, self.config.max_sessions)
+        self.fast = self.config.fast_path(ckpt.model.device)
+        self._gen = FrameGenerator(ckpt.model, self.config.max_sessions, self.fast)
+        codec = ckpt.codec
+        self._dec = DecoderPool(codec.decoder, self.config.max_sessions, self.fast, codec.device, codec.dtype)
         self._free_slots = list(range(self.config.max_sessions))
-        self._commands: queue.SimpleQueue[tuple[Session, str, Any]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Session | None, str, Any]] = queue.SimpleQueue()
         self._sessions: dict[int, Session] = {}
         self._waiting: list[tuple[Session, _Utterance]] = []  # utterances without a slot yet
         self._sids = itertools.count(1)
@@ -191,6 +215,33 @@ class Engine:
         self._commands.put((s, "open", None))
         return s
 
+    def warmup(self, timeout: float | None = None) -> None:
+        """Capture the CUDA graphs of every batch bucket (talker step, code predictor,
+        decoder) on the device thread; blocks until done. Call it before reporting SERVING:
+        a bucket first met without it is captured then, stalling that tick. Nothing to do
+        on the eager paths (CPU). Safe to call twice."""
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def capture() -> None:
+            try:
+                self._gen.warmup()
+                self._dec.warmup()
+            except BaseException as e:  # handed to the caller
+                failed.append(e)
+            finally:
+                done.set()
+
+        self._commands.put((None, "call", capture))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.1):
+            if self._stop.is_set() or not self._thread.is_alive():
+                raise RuntimeError("the engine stopped before its warm-up finished")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"warm-up took more than {timeout} s")
+        if failed:
+            raise failed[0]
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the worker; sessions still open get a SessionError. Safe to call twice."""
         if self._stop.is_set():
@@ -231,7 +282,11 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _apply(self, s: Session, op: str, arg: Any) -> None:
+    def _apply(self, s: Session | None, op: str, arg: Any) -> None:
+        if s is None:  # work for the device thread itself
+            if op == "call":
+                arg()
+            return
         if s._closed:
             return
         try:
@@ -275,11 +330,9 @@ class Engine:
             return
         slot = self._free_slots.pop(0)
         u.state = new_utterance(self.ckpt, s.voice, s.language, s.params, seed=u.seed, slot=slot)
-        u.dec_state = self.ckpt.codec.decoder.new_state(1, self.ckpt.codec.device, self.ckpt.codec.dtype)
+        self._dec.reset(slot)
         if s.voice.ref_codes is not None:  # continue the audio of the reference
-            self.ckpt.codec.decoder.decode_step(
-                s.voice.ref_codes[None].to(self.ckpt.codec.device), u.dec_state
-            )
+            self._dec.prime(slot, s.voice.ref_codes)
         u.state.sched.push(u.ids_before_start)  # text that arrived while it waited for a slot
         u.ids_before_start = []
         if u.text_ended:
@@ -445,11 +498,12 @@ class Engine:
                 self._close(s, send_closed=False)
             return True
         by_state = {id(u.state): (s, u) for s, u in live}
-        dec = self.ckpt.codec.decoder
-        for st, frame in produced:
-            s, u = by_state[id(st)]
-            pcm = dec.decode_step(frame.view(1, 1, -1).to(self.ckpt.codec.device), u.dec_state)
-            self._emit_frame_audio(s, u, pcm[0].float().cpu().numpy(), frame.numpy().astype(np.int64))
+        if produced:
+            frames = torch.stack([frame for _, frame in produced])  # [n, G]
+            pcm = self._dec.step([st.slot for st, _ in produced], frames).float().cpu().numpy()
+            for i, (st, frame) in enumerate(produced):
+                s, u = by_state[id(st)]
+                self._emit_frame_audio(s, u, pcm[i], frame.numpy().astype(np.int64))
         elapsed = time.perf_counter() - t0
         moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))  # type: ignore[union-attr]
         if moved:

@@ -18,7 +18,6 @@ from qwen3tts_rt.engine.generation import (
     FrameCap,
     FrameGenerator,
     UtteranceState,
-    make_generator,
 )
 from qwen3tts_rt.engine.scheduler import DualTrackScheduler
 from qwen3tts_rt.errors import InvalidInputError
@@ -70,7 +69,7 @@ def new_utterance(
         # As the official generate: max_new_tokens counts sampled codebook-0 tokens,
         # the last of which is never expanded into a frame.
         max_frames=max(params.max_new_tokens - 1, 0),
-        generator=make_generator(seed),
+        seed=seed,
     )
 
 

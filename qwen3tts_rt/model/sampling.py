@@ -1,17 +1,23 @@
-"""Logit processing and sampling, with the official semantics.
+"""Logit processing and sampling, with the official semantics, for a whole batch at once.
 
 Talker (codebook 0): repetition penalty over the codebook-0 tokens generated so far in
 the utterance, EOS forbidden before ``min_new_tokens``, the codec specials suppressed
-(except EOS); then temperature, top-k, top-p and a multinomial draw, or argmax when
+(except EOS); then temperature, top-k, top-p and a random draw, or argmax when
 ``do_sample`` is false. Code predictor (codebooks 1..15): temperature/top-k/top-p only.
 
-Each row carries its own ``torch.Generator`` so that a session's draws do not depend
-on which other sessions share the batch: a seeded stream reproduces exactly.
+Everything is a tensor op over ``[B, V]`` with per-row settings, so a batch is sampled
+on the device without a host round trip per codebook (and can be captured in a CUDA
+graph). The random draw is Gumbel-max with counter-based noise: the uniform for
+vocabulary entry ``v`` of codebook ``c`` at step ``n`` of the utterance seeded ``s`` is an
+integer hash of ``(s, n, c, v)``, computed with int64 tensor ops. A seeded utterance
+therefore draws the same numbers whatever batch it is in, in whatever row, on any
+device; an unseeded one gets a random seed when it starts.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -91,49 +97,139 @@ class SamplingParams:
         return asdict(self)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    # logits [V] float32, already divided by the temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[-1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(0, order, remove_sorted)
-        logits = logits.masked_fill(remove, -math.inf)
-    return logits
+# ------------------------------------------------------------------------ counter-based noise
+
+_M32 = 0xFFFF_FFFF
+# Both multipliers are below 2**31, so a 32-bit value times one stays below 2**63: the hash
+# never overflows int64 and gives the same bits on every device.
+_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
+_SALT_SEED, _SALT_VOCAB = 0x9E3779B9, 0x85EBCA6B
 
 
-def draw(
-    logits: torch.Tensor,  # [V] float32, processed
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None,
-) -> int:
-    if not do_sample:
-        return int(torch.argmax(logits).item())
-    filtered = _filter_top_k_top_p(logits / temperature, top_k, top_p)
-    probs = filtered.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def random_seed() -> int:
+    """A fresh seed for an utterance that was not given one."""
+    return secrets.randbits(63)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Any Python int -> its low 64 bits as two 32-bit halves (lo, hi)."""
+    s = seed & 0xFFFF_FFFF_FFFF_FFFF
+    return s & _M32, s >> 32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32, second constants) of int64 tensors holding
+    values in [0, 2**32). A bijection with low bias, in plain int64 tensor ops."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 15)
+
+
+def counter_bits(
+    seed: torch.Tensor,  # [B, 2] int64: 32-bit halves (lo, hi) of each row's seed
+    step: torch.Tensor,  # [B] int64: the row's step counter within its utterance
+    first_codebook: int,
+    codebooks: int,
+    vocab: int,
+) -> torch.Tensor:
+    """[B, K, V] int64 in [0, 2**32): the hash of (seed, step, codebook, vocab index) for
+    codebooks first_codebook .. first_codebook + K - 1. Row b depends on row b's inputs only."""
+    dev = seed.device
+    key = hash32(seed[:, 0] ^ _SALT_SEED)
+    key = hash32(key ^ seed[:, 1])
+    key = hash32(key ^ (step & _M32))  # [B]
+    cb = torch.arange(first_codebook, first_codebook + codebooks, device=dev, dtype=torch.int64)
+    key = hash32(key[:, None] ^ cb[None, :])  # [B, K]
+    vocab_key = hash32(torch.arange(vocab, device=dev, dtype=torch.int64) ^ _SALT_VOCAB)  # [V]
+    return hash32(key[:, :, None] ^ vocab_key)  # [B, K, V]
+
+
+def gumbel_noise(
+    seed: torch.Tensor, step: torch.Tensor, first_codebook: int, codebooks: int, vocab: int
+) -> torch.Tensor:
+    """[B, K, V] float32 standard Gumbel noise from ``counter_bits`` (uniforms in (0, 1)
+    exact in float64, the double log taken in float64, then rounded)."""
+    bits = counter_bits(seed, step, first_codebook, codebooks, vocab)
+    u = (bits.double() + 0.5) * 2.0**-32
+    return (-torch.log(-torch.log(u))).float()
+
+
+# ------------------------------------------------------------------------ per-row processing
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """Per-row settings of one draw ([B] tensors on the device)."""
+
+    do_sample: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64; 0 (or >= V) keeps every token
+    top_p_rest: torch.Tensor  # float32: 1 - top_p, computed in float64, then rounded (as the reference)
+    use_top_p: torch.Tensor  # bool: top_p < 1
+
+
+def draw_values(params: SamplingParams, subtalker: bool) -> tuple[bool, float, int, bool, float]:
+    """(do_sample, temperature, top_k, use_top_p, 1 - top_p) of the talker or the code predictor."""
+    if subtalker:
+        p = (params.subtalker_do_sample, params.subtalker_temperature, params.subtalker_top_k)
+        top_p = params.subtalker_top_p
+    else:
+        p = (params.do_sample, params.temperature, params.top_k)
+        top_p = params.top_p
+    return (*p, top_p < 1.0, 1.0 - top_p)
+
+
+def filter_top_k_top_p(
+    scores: torch.Tensor,  # [B, V] float32, already divided by the temperature
+    top_k: torch.Tensor,  # [B] int64
+    top_p_rest: torch.Tensor,  # [B] float32
+    use_top_p: torch.Tensor,  # [B] bool
+) -> torch.Tensor:
+    """HF's TopK then TopP warpers, per row: drop what is below the k-th largest score; then,
+    in ascending order, drop tokens while the cumulative probability is <= 1 - top_p
+    (the most likely token always stays)."""
+    v = scores.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = scores.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # [B, 1]
+    scores = scores.masked_fill(scores < kth, -math.inf)
+    ascending, order = scores.sort(dim=-1)
+    cum = ascending.softmax(-1).cumsum(-1)
+    drop = (cum <= top_p_rest[:, None]) & use_top_p[:, None]
+    drop[:, -1] = False
+    drop = drop.scatter(-1, order, drop)
+    return scores.masked_fill(drop, -math.inf)
+
+
+def draw_rows(
+    scores: torch.Tensor,  # [B, V] float32, processed
+    settings: DrawSettings,
+    noise: torch.Tensor | None,  # [B, V] float32 Gumbel noise; None when no row samples
+) -> torch.Tensor:
+    """[B] int64: argmax for greedy rows; for sampling rows a draw from
+    softmax(top-k/top-p(scores / temperature)) by Gumbel-max."""
+    greedy = scores.argmax(-1)
+    if noise is None:
+        return greedy
+    x = filter_top_k_top_p(
+        scores / settings.temperature[:, None], settings.top_k, settings.top_p_rest, settings.use_top_p
+    )
+    sampled = (x + noise).argmax(-1)
+    return torch.where(settings.do_sample, sampled, greedy)
 
 
 def process_talker_logits(
-    logits: torch.Tensor,  # [V] float32
-    generated: torch.Tensor,  # [V] bool: codebook-0 tokens generated so far in this utterance
-    num_generated: int,
-    params: SamplingParams,
-    eos_id: int,
-    suppress_mask: torch.Tensor,  # [V] bool
+    logits: torch.Tensor,  # [B, V] float32
+    generated: torch.Tensor,  # [B, V] bool: codebook-0 tokens generated so far in each utterance
+    penalty: torch.Tensor,  # [B] float32 repetition penalty
+    eos_allowed: torch.Tensor,  # [B] bool: min_new_tokens reached
+    eos: torch.Tensor,  # [V] bool: one-hot of the codec EOS id
+    suppress: torch.Tensor,  # [V] bool
 ) -> torch.Tensor:
-    if params.repetition_penalty != 1.0 and bool(generated.any()):
-        pen = params.repetition_penalty
-        penalised = torch.where(logits < 0, logits * pen, logits / pen)
-        logits = torch.where(generated, penalised, logits)
-    if num_generated < params.min_new_tokens:
-        logits = logits.clone()
-        logits[eos_id] = -math.inf
-    return logits.masked_fill(suppress_mask, -math.inf)
+    """Repetition penalty, EOS before min_new_tokens and the codec specials, per row."""
+    pen = penalty[:, None]
+    penalised = torch.where(logits < 0, logits * pen, logits / pen)
+    logits = torch.where(generated, penalised, logits)
+    forbid = suppress | (eos & ~eos_allowed[:, None])
+    return logits.masked_fill(forbid, -math.inf)
