@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?= Qwen/Qwen3-TTS-12Hz-0.6B-Base
 TINY := checkpoints/tiny-base
+SERVE_ARGS ?=
 
-.PHONY: venv proto run test test-slow lint fmt reference checkpoints clean
+.PHONY: venv proto system-deps run serve demo agent test test-slow lint fmt reference checkpoints clean
 
 GEN := qwen3tts_rt/v1/tts_pb2.py
 
@@ -18,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,webrtc]"
 	touch $@
 
 # Generated gRPC stubs (never edited, not committed): qwen3tts_rt/v1/*_pb2*.py
@@ -29,11 +30,43 @@ proto: $(GEN)
 
 venv: $(BIN)/.installed $(GEN)
 
+# Serve the real default model (hub cache, or downloaded with progress). Offline without
+# cached weights it says so and how to proceed.
 run: venv
-	$(BIN)/qwen3tts-rt synth --model $(MODEL) --text "Hello! This is Qwen3-TTS speaking in real time." \
-		--language english --out out/hello.wav
+	$(BIN)/qwen3tts-rt serve --model $(MODEL) $(SERVE_ARGS)
 
-test: venv
+# Serve any checkpoint: make serve MODEL=checkpoints/tiny-base SERVE_ARGS="--port 50052"
+serve: venv
+	$(BIN)/qwen3tts-rt serve --model $(MODEL) $(SERVE_ARGS)
+
+$(TINY)/config.json: | venv
+	$(BIN)/qwen3tts-rt make-checkpoint --preset tiny --kind base --out $(TINY)
+
+# The whole path offline on a tiny random checkpoint: server, voice, `say` token by token,
+# a WAV in out/demo.wav and the latency summary.
+demo: venv $(TINY)/config.json
+	$(BIN)/python -m qwen3tts_rt.server.demo --checkpoint $(TINY) --out out/demo.wav
+
+# The WebRTC voice agent (page on http://127.0.0.1:8080) in front of a running TTS server:
+# make agent AGENT_ARGS="--tts 127.0.0.1:50051 --speaker vivian --llm-url http://127.0.0.1:11434/v1"
+AGENT_ARGS ?=
+agent: venv
+	$(BIN)/qwen3tts-agent $(AGENT_ARGS)
+
+# Debian packages the agent tests need: espeak-ng (spoken input) and chromium (a real WebRTC
+# peer, driven by playwright; no browser is downloaded). Installed only when missing.
+AGENT_BINS := espeak-ng chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+system-deps:
+	@missing=""; for b in $(AGENT_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt)"; \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; } \
+			|| echo "could not install$$missing: the agent tests that need them will be skipped"; \
+	fi
+
+test: venv system-deps
 	$(BIN)/python -m pytest
 
 test-slow: venv
@@ -42,7 +75,7 @@ test-slow: venv
 lint: venv
 	$(BIN)/ruff check qwen3tts_rt agent tests benchmarks
 	$(BIN)/ruff format --check qwen3tts_rt agent tests benchmarks
-	$(BIN)/mypy qwen3tts_rt
+	$(BIN)/mypy qwen3tts_rt agent
 
 fmt: venv
 	$(BIN)/ruff check --fix qwen3tts_rt agent tests benchmarks
