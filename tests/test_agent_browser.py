@@ -5,12 +5,15 @@ spoken sentence is a VAD turn that gets a spoken reply; typed text sent over the
 interrupts that reply and gets its own; the agent's audio is checked through getStats and the
 page's audio analyser. Behind the agent: the real
 qwen3tts-rt server (tiny CustomVoice checkpoint) and an LLM stub streaming over real HTTP.
-The screenshot goes to docs/agent.png."""
+The screenshot goes to $AGENT_SCREENSHOT (docs/agent.png in the README was made with
+AGENT_SCREENSHOT=docs/agent.png), else to a temporary file, so `make test` leaves the tree clean."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +35,7 @@ except ImportError:  # pragma: no cover - `make test` installs it
     async_playwright = None  # type: ignore[assignment]
 
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "agent.png"
+SCREENSHOT = Path(os.environ.get("AGENT_SCREENSHOT") or tempfile.gettempdir() + "/qwen3tts-agent.png")
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
