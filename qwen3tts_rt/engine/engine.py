@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from qwen3tts_rt.engine.channel import Channel
-from qwen3tts_rt.engine.generation import FinishReason, FrameCap, FrameGenerator, Phase, UtteranceState
+from qwen3tts_rt.engine.generation import (
+    FinishReason,
+    FrameCap,
+    FrameGenerator,
+    Phase,
+    UtteranceState,
+    run_isolated,
+)
 from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer
 from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
 from qwen3tts_rt.engine.synth import new_utterance
@@ -47,6 +54,10 @@ class EngineConfig:
     first_packet_frames: int = 1  # frames in the first packet of an utterance
     packet_frames: int = 1  # frames in each later packet
     max_utterance_chars: int = 20_000  # text per utterance
+    # Backpressure: a session with this many unread packets in its output channel is not
+    # stepped until its client reads (memory per session stays bounded; the others go on).
+    max_buffered_packets: int = 256
+    max_pending_utterances: int = 32  # utterances queued by flushes, the speaking one included
     frame_cap: FrameCap = field(
         default_factory=FrameCap
     )  # frames per utterance: base + per_token * text tokens
@@ -59,7 +70,14 @@ class EngineConfig:
     attention: str = "auto"  # 'auto' (flash-attn when usable, else SDPA), 'sdpa' or 'flash'
 
     def validated(self) -> EngineConfig:
-        for name in ("max_sessions", "first_packet_frames", "packet_frames", "max_utterance_chars"):
+        for name in (
+            "max_sessions",
+            "first_packet_frames",
+            "packet_frames",
+            "max_utterance_chars",
+            "max_buffered_packets",
+            "max_pending_utterances",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         return self
@@ -185,6 +203,12 @@ class Engine:
         with self._lock:
             return self._live
 
+    @property
+    def free_slots(self) -> int:
+        """Generation slots not held by an utterance (``max_sessions`` when idle). Read from
+        another thread it is a snapshot: the worker may take or free a slot meanwhile."""
+        return len(self._free_slots)
+
     def open_session(
         self,
         voice: VoicePrompt,
@@ -308,14 +332,24 @@ class Engine:
             elif op == "close":
                 self._cancel(s, emit=False)
                 self._close(s)
-        except InvalidInputError as e:
-            s.out.put(SessionError(str(e), kind="invalid"))
-            self._cancel(s, emit=False)
-            self._close(s, send_closed=False)
+        except (InvalidInputError, CapacityError) as e:
+            self._fail(s, str(e), kind="invalid" if isinstance(e, InvalidInputError) else "capacity")
+
+    def _fail(self, s: Session, message: str, kind: str = "internal") -> None:
+        """End session ``s`` with a ``SessionError``; its slot is freed, others go on."""
+        s.out.put(SessionError(message, kind=kind))
+        self._cancel(s, emit=False)
+        self._close(s, send_closed=False)
 
     # --- utterance bookkeeping
 
     def _new_utterance(self, s: Session) -> _Utterance:
+        limit = self.config.max_pending_utterances
+        if len(s._utterances) >= limit:
+            raise CapacityError(
+                f"{limit} utterances are already queued on this stream (max_pending_utterances); "
+                "wait for their utterance_done before flushing more"
+            )
         k = next(s._uids)
         seed = None if s.seed is None else s.seed + k
         u = _Utterance(uid=k, tokenizer=IncrementalTokenizer(self.ckpt.tokenizer), seed=seed)
@@ -480,8 +514,9 @@ class Engine:
     def _tick(self) -> bool:
         """One generation tick over every live utterance; True if anything moved."""
         live: list[tuple[Session, _Utterance]] = []
+        backlog = self.config.max_buffered_packets
         for s in self._sessions.values():
-            if s._utterances and s._utterances[0].state is not None:
+            if s._utterances and s._utterances[0].state is not None and len(s.out) < backlog:
                 live.append((s, s._utterances[0]))
         if not live:
             return False
@@ -493,17 +528,26 @@ class Engine:
         except Exception as e:
             log.exception("generation step failed")
             for s, _ in live:
-                s.out.put(SessionError(f"generation failed: {type(e).__name__}: {e}"))
-                self._cancel(s, emit=False)
-                self._close(s, send_closed=False)
+                self._fail(s, f"generation failed: {type(e).__name__}: {e}")
             return True
         by_state = {id(u.state): (s, u) for s, u in live}
-        if produced:
-            frames = torch.stack([frame for _, frame in produced])  # [n, G]
-            pcm = self._dec.step([st.slot for st, _ in produced], frames).float().cpu().numpy()
-            for i, (st, frame) in enumerate(produced):
-                s, u = by_state[id(st)]
-                self._emit_frame_audio(s, u, pcm[i], frame.numpy().astype(np.int64))
+        failed: dict[int, str] = {}  # session id -> message: faults of one session end only it
+
+        def decode(rows: list[tuple[UtteranceState, torch.Tensor]]) -> list[np.ndarray]:
+            frames = torch.stack([frame for _, frame in rows])  # [n, G]
+            return list(self._dec.step([st.slot for st, _ in rows], frames).float().cpu().numpy())
+
+        def decode_failed(row: tuple[UtteranceState, torch.Tensor], e: Exception) -> None:
+            log.error("decoding a frame of slot %d failed", row[0].slot, exc_info=e)
+            failed[by_state[id(row[0])][0].id] = f"decoding failed: {type(e).__name__}: {e}"
+
+        for (st, frame), pcm in run_isolated(produced, decode, decode_failed):
+            s, u = by_state[id(st)]
+            try:
+                self._emit_frame_audio(s, u, pcm, frame.numpy().astype(np.int64))
+            except Exception as e:
+                log.exception("emitting audio of session %d failed", s.id)
+                failed[s.id] = f"emitting audio failed: {type(e).__name__}: {e}"
         elapsed = time.perf_counter() - t0
         moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))  # type: ignore[union-attr]
         if moved:
@@ -513,6 +557,11 @@ class Engine:
                 self.on_tick(len(live), elapsed)
         for s, u in live:
             done = u.state
-            if done is not None and done.phase is Phase.DONE and done.finish is not None:
+            if done is not None and done.finish is FinishReason.ERROR:
+                err = done.error
+                failed.setdefault(s.id, f"generation failed: {type(err).__name__}: {err}")
+            if s.id in failed:
+                self._fail(s, failed[s.id])
+            elif done is not None and done.phase is Phase.DONE and done.finish is not None:
                 self._finish(s, u, done.finish)
         return moved

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -58,6 +60,7 @@ class FinishReason(enum.Enum):
     EOS = "eos"
     CAP = "cap"
     CANCELLED = "cancelled"
+    ERROR = "error"  # a step of this utterance raised (``UtteranceState.error``)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class UtteranceState:
     finish: FinishReason | None = None
     positions_consumed: int = 0  # text-track entries fed to the talker so far
     last_frame: torch.Tensor | None = None  # [G] the last frame produced (host copy)
+    error: Exception | None = None  # what ended it, when ``finish`` is ERROR
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -89,6 +93,45 @@ class UtteranceState:
     def finish_with(self, reason: FinishReason) -> None:
         self.phase = Phase.DONE
         self.finish = reason
+
+    def fail(self, exc: Exception) -> None:
+        """End the utterance because one of its steps raised ``exc``."""
+        log.error("utterance in slot %d failed: %s: %s", self.slot, type(exc).__name__, exc, exc_info=exc)
+        self.error = exc
+        self.finish_with(FinishReason.ERROR)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_isolated(
+    items: list[T], step: Callable[[list[T]], list[R]], fail: Callable[[T, Exception], None]
+) -> list[tuple[T, R]]:
+    """``step(items)`` (one result per item, in order) as one batch; if the batch raises,
+    run each item alone, so that a fault of one item fails only that item (``fail``) and
+    the others get the results they would have had. A step must leave no trace when it
+    raises, or be idempotent when re-run (the talker and code-predictor steps write the
+    same KV positions and table rows again; the decoder writes its state back only at
+    the end), and be batch-invariant (tested: batched == alone)."""
+    if not items:
+        return []
+    try:
+        return list(zip(items, step(items), strict=True))
+    except Exception as e:
+        if len(items) == 1:
+            fail(items[0], e)
+            return []
+        log.warning(
+            "a batched step of %d rows raised %s: %s; running each row alone", len(items), type(e).__name__, e
+        )
+    done: list[tuple[T, R]] = []
+    for item in items:
+        try:
+            done.extend(zip([item], step([item]), strict=True))
+        except Exception as e:
+            fail(item, e)
+    return done
 
 
 @dataclass(frozen=True)
@@ -349,33 +392,38 @@ class FrameGenerator:
     @torch.inference_mode()
     def _advance(self, batch: list[UtteranceState]) -> None:
         """One talker position for each utterance: last frame + next text entry."""
-        tokens = self._run("talker", batch, talker=True).tolist()  # the one host sync of the step
-        for st, tok in zip(batch, tokens):
+        run = lambda b: self._run("talker", b, talker=True).tolist()  # noqa: E731 - the one host sync of the step
+        for st, tok in run_isolated(batch, run, UtteranceState.fail):
             st.cache_len += 1
             st.positions_consumed += 1
             self._took_c0(st, tok)
 
     @torch.inference_mode()
-    def _complete_frames(self, batch: list[UtteranceState]) -> list[torch.Tensor]:
+    def _complete_frames(self, batch: list[UtteranceState]) -> list[tuple[UtteranceState, torch.Tensor]]:
         if not self.fast.static and self._predictor_cache.slots < len(batch):
             self._predictor_cache = self.model.new_predictor_cache(len(batch))
-        frames = self._run("predictor", batch, talker=False).cpu()  # [B, G]
-        for i, st in enumerate(batch):
-            st.last_frame = frames[i]
+        run = lambda b: list(self._run("predictor", b, talker=False).cpu())  # noqa: E731 - [B] x [G]
+        done = run_isolated(batch, run, UtteranceState.fail)
+        for st, frame in done:
+            st.last_frame = frame
             st.frames_done += 1
             st.c0 = None
             st.phase = Phase.ADVANCE
-        return list(frames)
+        return done
 
     # ----------------------------------------------------------------- the tick
 
     def tick(self, states: list[UtteranceState]) -> list[tuple[UtteranceState, torch.Tensor]]:
         """Advance every utterance that can advance by at most one frame; returns the
-        frames produced, in ``states`` order. Utterances that end are marked DONE."""
+        frames produced, in ``states`` order. Utterances that end are marked DONE; one
+        whose step raised ends with ``FinishReason.ERROR`` and the others move on."""
         for st in states:
             if st.phase in (Phase.PREFIX, Phase.OVERLAY):
-                self._ensure_capacity(st)
-                self._prefill(st)
+                try:
+                    self._ensure_capacity(st)
+                    self._prefill(st)
+                except Exception as e:
+                    st.fail(e)
         ready = []
         for st in states:
             if st.phase is not Phase.ADVANCE:
@@ -400,8 +448,7 @@ class FrameGenerator:
                 to_complete.append(st)
         if not to_complete:
             return []
-        frames = self._complete_frames(to_complete)
-        return list(zip(to_complete, frames))
+        return self._complete_frames(to_complete)
 
     def _ensure_capacity(self, st: UtteranceState) -> None:
         """Dynamic cache: grow ahead of need (static caches are checked by ``_fits``)."""

@@ -108,6 +108,8 @@ def synthesize(
             chunks.append(pcm[0].float().cpu().numpy())
             if first is None:
                 first = time.perf_counter() - t0
+    if st.error is not None:  # a step raised: the offline call raises it
+        raise st.error
     total = time.perf_counter() - t0
     g = ckpt.config.talker.num_code_groups
     frames_t = torch.stack(frames) if frames else torch.zeros((0, g), dtype=torch.long)
