@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -19,8 +20,10 @@ from qwen3tts_rt.engine.messages import PcmPacket, SessionClosed, SessionError, 
 from qwen3tts_rt.engine.voices import voice_prompt
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.model.sampling import SamplingParams
+from qwen3tts_rt.v1 import tts_pb2 as pb
+from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
 from tests.reliability import record
-from tests.server_helpers import wait_for
+from tests.server_helpers import BidiCall, collect, start_server, wait_for
 
 GREEDY = SamplingParams.greedy(max_new_tokens=40)
 TEXTS = {
@@ -56,6 +59,23 @@ def poison_id(ckpt: Checkpoint) -> int:
     return next(i for i in ids["a"][3:] if i not in others)
 
 
+def inject_fault(ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make the talker's text embedding raise whenever stream a's poison token is in its
+    input; returns the count of faults raised."""
+    bad = poison_id(ckpt)
+    real = ckpt.model.text_embed
+    calls = {"faults": 0}
+
+    def faulty(ids: torch.Tensor) -> torch.Tensor:
+        if bool((ids == bad).any()):
+            calls["faults"] += 1
+            raise RuntimeError("injected fault")
+        return real(ids)
+
+    monkeypatch.setattr(ckpt.model, "text_embed", faulty)
+    return calls
+
+
 def test_run_isolated_retries_each_item_alone() -> None:
     failed: list[tuple[int, str]] = []
 
@@ -81,17 +101,7 @@ def test_a_fault_in_one_session_fails_only_it(ckpt: Checkpoint, monkeypatch: pyt
             assert err is None
             alone[k] = codes
 
-        bad = poison_id(ckpt)
-        real = ckpt.model.text_embed
-        calls = {"faults": 0}
-
-        def faulty(ids: torch.Tensor) -> torch.Tensor:
-            if bool((ids == bad).any()):
-                calls["faults"] += 1
-                raise RuntimeError("injected fault")
-            return real(ids)
-
-        monkeypatch.setattr(ckpt.model, "text_embed", faulty)
+        calls = inject_fault(ckpt, monkeypatch)
         # Open all three before any text, so that they share ticks from the first frame.
         sessions = {k: engine.open_session(voice, "english", GREEDY) for k in TEXTS}
         results: dict[str, Any] = {}
@@ -215,3 +225,47 @@ def test_flushes_cannot_queue_without_bound(ckpt: Checkpoint) -> None:
         assert wait_for(lambda: engine.live_sessions == 0 and engine.free_slots == 2, 10)
     finally:
         engine.shutdown()
+
+
+def test_over_grpc_the_faulty_stream_gets_internal_and_the_others_finish(
+    ckpt: Checkpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    srv = start_server(ckpt, tmp_path / "voices", max_sessions=4, warmup=False)
+    try:
+        inject_fault(ckpt, monkeypatch)
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.TextToSpeechStub(ch)
+            cfg = pb.StreamConfig(
+                speaker=ckpt.config.speakers[0],
+                language="english",
+                sampling=pb.SamplingParams(greedy=True, max_new_tokens=40),
+            )
+            calls = {k: BidiCall(stub).send(config=cfg) for k in TEXTS}
+            for k, c in calls.items():
+                c.text(TEXTS[k]).close()
+            outcome: dict[str, Any] = {}
+
+            def read(k: str) -> None:
+                try:
+                    outcome[k] = collect(calls[k])
+                except grpc.RpcError as e:
+                    outcome[k] = e
+
+            threads = [threading.Thread(target=read, args=(k,)) for k in TEXTS]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(180)
+        err = outcome["a"]
+        assert isinstance(err, grpc.RpcError)
+        assert err.code() == grpc.StatusCode.INTERNAL
+        assert "generation failed: RuntimeError: injected fault" in err.details()
+        for k in ("b", "c"):
+            got = outcome[k]
+            assert not isinstance(got, grpc.RpcError), got
+            assert [d.reason for d in got.dones] == [pb.UtteranceDone.CAP]
+            assert len(got.pcm(0)) > 0
+        engine = srv.server.runtime.require_engine()
+        assert wait_for(lambda: engine.live_sessions == 0 and engine.free_slots == 4, 10)
+    finally:
+        srv.stop()
