@@ -40,6 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus /metrics port (default: %(default)s; -1: off)",
     )
     g.add_argument("--max-peers", type=int, default=d.max_peers, help="calls at once (default: %(default)s)")
+    g.add_argument(
+        "--max-offer-bytes",
+        type=int,
+        default=d.max_offer_bytes,
+        help="POST /offer body (default: %(default)s)",
+    )
+    g.add_argument(
+        "--offer-rate-per-min",
+        type=float,
+        default=d.offer_rate_per_min,
+        help="POST /offer per client address, sustained (default: %(default)s; 0: no limit)",
+    )
+    g.add_argument(
+        "--offer-burst",
+        type=int,
+        default=d.offer_burst,
+        help="POST /offer per client address at once (default: %(default)s)",
+    )
 
     g = ap.add_argument_group("TTS (a qwen3tts-rt server)")
     g.add_argument("--tts", default=TTSConfig().address, help="server address (default: %(default)s)")
@@ -156,6 +174,9 @@ def config_from_args(a: argparse.Namespace) -> AgentConfig:
         ice_servers=tuple(ice),
         ice_host_addresses=tuple(a.ice_host),
         max_peers=a.max_peers,
+        max_offer_bytes=a.max_offer_bytes,
+        offer_rate_per_min=a.offer_rate_per_min,
+        offer_burst=a.offer_burst,
     ).validated()
 
 

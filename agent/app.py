@@ -3,6 +3,8 @@
     GET  /          the browser page (static/index.html; plain HTML + JS, no build step)
     GET  /config    what the page needs before it offers: ICE servers, mode, voice
     POST /offer     {"sdp": ..., "type": "offer"} -> {"sdp": ..., "type": "answer", "id": ...}
+                    bounded: body <= max_offer_bytes (413), offer_burst / offer_rate_per_min
+                    per client address (429 + Retry-After), max_peers calls at once (503)
     GET  /healthz   200 "ok"
     GET  /metrics   Prometheus, on its own port (``metrics_port``)
 
@@ -13,7 +15,9 @@ the live peer connections; ``serve(config)`` runs it until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -62,11 +66,53 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("the HTTP site has no bound address")
 
 
+class RateLimiter:
+    """Token buckets by key (the client address): each holds at most ``burst`` tokens and
+    refills at ``rate_per_min``; a request takes one. Reads an injectable clock, so tests
+    need no sleeps. At most ``max_keys`` buckets are kept (the least recently seen go
+    first: a forgotten client starts again with a full bucket)."""
+
+    def __init__(self, rate_per_min: float, burst: int, clock: Clock, *, max_keys: int = 10_000) -> None:
+        self.rate_per_s = rate_per_min / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate_per_s > 0
+
+    def take(self, key: str) -> float:
+        """0.0 when ``key`` may go ahead (a token is taken), else the seconds until it may."""
+        if not self.enabled:
+            return 0.0
+        now = self.clock.now()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate_per_s)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate_per_s
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 class AgentServer:
     def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
         self.config = config.validated()
         self.clock = clock or SystemClock()
         self.peers: dict[str, PeerSession] = {}
+        c = self.config
+        self.offer_limiter = RateLimiter(
+            c.offer_rate_per_min, c.offer_burst, self.clock, max_keys=c.offer_rate_clients
+        )
         self.tts: TTSClient | None = None
         self.llm: LLMClient | None = None
         self.asr: ASRClient | None = None
@@ -158,10 +204,26 @@ class AgentServer:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _offer(self, request: web.Request) -> web.Response:
+        wait = self.offer_limiter.take(request.remote or "unknown")
+        if wait > 0:  # before the body is read: a refused client costs nothing
+            c = self.config
+            return web.json_response(
+                {
+                    "error": f"too many offers from {request.remote}: at most {c.offer_burst} at once "
+                    f"and {c.offer_rate_per_min:g} per minute; retry in {math.ceil(wait)} s"
+                },
+                status=429,
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         try:
             offer = await self._read_offer(request)
             if len(self.peers) >= self.config.max_peers:
                 raise OverloadedError(f"{len(self.peers)} calls in progress; at most {self.config.max_peers}")
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.config.max_offer_bytes
+            return web.json_response(
+                {"error": f"the offer is larger than {limit} bytes (max_offer_bytes)"}, status=413
+            )
         except BadRequestError as e:
             return web.json_response({"error": str(e)}, status=400)
         except OverloadedError as e:

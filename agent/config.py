@@ -123,7 +123,12 @@ class AgentConfig:
     # its host candidates; loopback tests and single-host setups pin it here).
     ice_host_addresses: tuple[str, ...] = ()
     max_peers: int = 8  # live peer connections; more get 503
-    max_offer_bytes: int = 64 * 1024  # POST /offer body
+    max_offer_bytes: int = 64 * 1024  # POST /offer body; larger get 413
+    # POST /offer per client address (token bucket): ``offer_burst`` at once, refilled at
+    # ``offer_rate_per_min``; more get 429 with Retry-After. 0 turns the limit off.
+    offer_rate_per_min: float = 30.0
+    offer_burst: int = 10
+    offer_rate_clients: int = 10_000  # client addresses tracked at most (idle ones dropped first)
     max_text_chars: int = 2000  # one typed message from the data channel
     max_message_bytes: int = 16 * 1024  # one data-channel message
 
@@ -134,6 +139,12 @@ class AgentConfig:
             raise ConfigError("max_peers must be >= 1")
         if self.max_offer_bytes < 1024:
             raise ConfigError("max_offer_bytes must be >= 1024")
+        if self.offer_rate_per_min < 0:
+            raise ConfigError("offer_rate_per_min must be >= 0 (0: no rate limit)")
+        if self.offer_rate_per_min > 0 and self.offer_burst < 1:
+            raise ConfigError("offer_burst must be >= 1")
+        if self.offer_rate_clients < 1:
+            raise ConfigError("offer_rate_clients must be >= 1")
         if self.max_text_chars < 1:
             raise ConfigError("max_text_chars must be >= 1")
         if not 0 <= self.http_port <= 65535:

@@ -117,14 +117,21 @@ def _sniff_format(data: bytes) -> str | None:
         return "m4a"
     if head[:3] == b"ID3" and len(data) >= 10:
         # ID3v2 tag: 10-byte header, syncsafe size, optional 10-byte footer; see what follows
-        size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F)
-        end = 10 + size + (10 if data[5] & 0x10 else 0)
+        end = _id3_end(data)
         after = _sniff_format(data[end:]) if end < len(data) else None
         return after if after in ("flac", "aac") else "mp3"
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
         layer = (head[1] >> 1) & 0x3
         return "aac" if layer == 0 else "mp3"
     return None
+
+
+def is_audio_file(data: bytes) -> bool:
+    """Whether ``data`` starts like a supported audio file by an unambiguous signature
+    (RIFF/RF64, fLaC, OggS, EBML, FORM, an MP4 box, an ID3 tag). A bare MPEG frame sync
+    is not enough: two bytes that raw PCM samples can also start with."""
+    kind = _sniff_format(data)
+    return kind is not None and (kind not in ("mp3", "aac") or data[:3] == b"ID3")
 
 
 def _check_wav_complete(data: bytes) -> None:
@@ -151,6 +158,54 @@ def _check_wav_complete(data: bytes) -> None:
         "reference audio WAV has no sample data (no 'data' chunk before the end of the file); "
         "send a complete WAV file"
     )
+
+
+def _id3_end(data: bytes) -> int:
+    """Offset just past a leading ID3v2 tag (0 when there is none)."""
+    if data[:3] != b"ID3" or len(data) < 10:
+        return 0
+    size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F)
+    return 10 + size + (10 if data[5] & 0x10 else 0)
+
+
+def _mp3_announced_bytes(data: bytes, start: int) -> int | None:
+    """The stream size that a Xing/Info (LAME) header in the MP3 frame at ``start``
+    announces (bytes from that frame on), or None when there is no such header or it
+    omits the size."""
+    head = data[start : start + 4]
+    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return None
+    mpeg1 = (head[1] >> 3) & 0x3 == 0x3
+    mono = (head[3] >> 6) & 0x3 == 0x3
+    side_info = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+    pos = start + 4 + (0 if head[1] & 0x1 else 2) + side_info  # past the header (and its CRC)
+    if data[pos : pos + 4] not in (b"Xing", b"Info") or len(data) < pos + 16:
+        return None
+    (flags,) = struct.unpack_from(">I", data, pos + 4)
+    if not flags & 0x2:  # no byte count
+        return None
+    (announced,) = struct.unpack_from(">I", data, pos + 8 + (4 if flags & 0x1 else 0))
+    return int(announced) or None
+
+
+def _check_mp3_complete(data: bytes) -> None:
+    """Raise when an MP3 stream ends before the size its Xing/Info header announces
+    (the decoder would silently return the part that is there)."""
+    start = _id3_end(data)
+    announced = _mp3_announced_bytes(data, start)
+    have = len(data) - start
+    if announced is not None and announced > have:
+        raise AudioUndecodableError(
+            f"reference audio MP3 is truncated: its Xing/Info header announces {announced} bytes "
+            f"but only {have} are present; send the complete file"
+        )
+
+
+# Containers whose headers state the exact duration (MP3 only with a Xing/Info header,
+# checked by size above; ADTS and header-less MP3 durations are bit-rate estimates).
+_EXACT_DURATION = ("flac", "m4a", "webm", "aiff")
+_DURATION_SLACK_S = 0.05  # decoders trim priming samples (Opus pre-skip: 6.5 ms)
+_DURATION_SLACK_FRACTION = 0.01
 
 
 # --------------------------------------------------------------------------- decoding
@@ -193,6 +248,8 @@ def _decode(data: bytes, rules: ReferenceAudioRules | None) -> _Decoded:
         )
     if kind == "wav":
         _check_wav_complete(data)
+    elif kind == "mp3":
+        _check_mp3_complete(data)
     demuxer, label = _FORMATS[kind]
     try:
         return _decode_with(data, kind, demuxer, rules)
@@ -212,6 +269,7 @@ def _decode_with(data: bytes, kind: str, demuxer: str, rules: ReferenceAudioRule
         if not container.streams.audio:
             raise AudioUndecodableError(f"reference audio {label} container holds no audio stream")
         stream = container.streams.audio[0]
+        announced_s = container.duration / av.time_base if container.duration else None
         rate = int(stream.codec_context.sample_rate or 0)
         if rules is not None and rate:
             _check_rate(rate, rules)
@@ -246,6 +304,13 @@ def _decode_with(data: bytes, kind: str, demuxer: str, rules: ReferenceAudioRule
             f"no audio could be decoded from the reference audio (it looks like {label}); "
             f"send a complete, valid file in one of: {_ALLOWED_FORMATS_TEXT}"
         )
+    if kind in _EXACT_DURATION and announced_s is not None:
+        decoded_s = total / rate
+        if decoded_s < announced_s - max(_DURATION_SLACK_S, _DURATION_SLACK_FRACTION * announced_s):
+            raise AudioUndecodableError(
+                f"reference audio {label} is truncated or damaged: it decodes to {decoded_s:.2f} s but "
+                f"its header announces {announced_s:.2f} s; send the complete, undamaged file"
+            )
     return _Decoded(np.concatenate(parts, axis=1), rate, kind)
 
 

@@ -120,6 +120,30 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sv.add_argument("--max-utterance-chars", type=int, default=d.max_utterance_chars)
     sv.add_argument("--max-voices", type=int, default=d.max_voices)
     sv.add_argument(
+        "--max-buffered-packets",
+        type=int,
+        default=d.max_buffered_packets,
+        help="unread packets per stream before its generation pauses (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-pending-utterances",
+        type=int,
+        default=d.max_pending_utterances,
+        help="utterances one stream may queue with flushes (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-voice-jobs",
+        type=int,
+        default=d.max_voice_jobs,
+        help="voice clonings queued or running at once (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=d.max_concurrent_rpcs,
+        help="RPCs in flight, streams included (default: %(default)s)",
+    )
+    sv.add_argument(
         "--first-packet-frames", type=int, default=d.first_packet_frames, help="default, 80 ms each"
     )
     sv.add_argument("--packet-frames", type=int, default=d.packet_frames, help="default, 80 ms each")
@@ -134,6 +158,35 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sv.add_argument("--grace", type=float, default=d.drain_grace_s, help="SIGTERM drain grace in seconds")
     sv.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up utterance")
     sv.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    g = sv.add_argument_group("reference audio from URLs (ref_audio_url; off by default)")
+    g.add_argument(
+        "--allow-ref-audio-urls",
+        action="store_true",
+        help="download reference audio named by ref_audio_url (http/https only, same size limit)",
+    )
+    g.add_argument(
+        "--ref-audio-url-timeout",
+        type=float,
+        default=d.ref_audio_url_timeout_s,
+        help="seconds for a whole download, redirects included (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ref-audio-url-max-redirects",
+        type=int,
+        default=d.ref_audio_url_max_redirects,
+        help="redirects followed at most (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ref-audio-url-allow-private",
+        action="store_true",
+        help="also fetch from loopback/private/link-local addresses (default: refused)",
+    )
+    g.add_argument(
+        "--ref-audio-url-max-concurrent",
+        type=int,
+        default=d.ref_audio_url_max_concurrent,
+        help="downloads at once (default: %(default)s)",
+    )
 
     sy = sub.add_parser("say", help="stream a text token by token to a server, like an LLM; write a WAV")
     _add_client_args(sy)
@@ -160,7 +213,11 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     vsub = vo.add_subparsers(dest="voice_cmd", required=True)
     vc = vsub.add_parser("create", help="clone a voice from reference audio; prints its id")
     _add_client_args(vc)
-    vc.add_argument("--ref-audio", required=True, help="WAV/FLAC/MP3/OGG/M4A file")
+    src = vc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ref-audio", help="WAV/FLAC/MP3/OGG/M4A file")
+    src.add_argument(
+        "--ref-audio-url", help="http(s) URL the server downloads the audio from (if it allows URLs)"
+    )
     vc.add_argument("--ref-text", default="", help="its transcript (ICL cloning); omit with --x-vector-only")
     vc.add_argument("--x-vector-only", action="store_true")
     vc.add_argument("--name", default="", help="display name")
@@ -347,6 +404,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
             max_sessions=a.max_sessions,
             max_utterance_chars=a.max_utterance_chars,
             max_voices=a.max_voices,
+            max_buffered_packets=a.max_buffered_packets,
+            max_pending_utterances=a.max_pending_utterances,
+            max_voice_jobs=a.max_voice_jobs,
+            max_concurrent_rpcs=a.max_concurrent_rpcs,
             first_packet_frames=a.first_packet_frames,
             packet_frames=a.packet_frames,
             default_voice=a.default_voice,
@@ -356,6 +417,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
             drain_grace_s=a.grace,
             warmup=not a.no_warmup,
             torch_threads=a.torch_threads,
+            allow_ref_audio_urls=a.allow_ref_audio_urls,
+            ref_audio_url_timeout_s=a.ref_audio_url_timeout,
+            ref_audio_url_max_redirects=a.ref_audio_url_max_redirects,
+            ref_audio_url_allow_private=a.ref_audio_url_allow_private,
+            ref_audio_url_max_concurrent=a.ref_audio_url_max_concurrent,
         ).validated()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -421,7 +487,8 @@ def cmd_voice(a: argparse.Namespace) -> None:
     if a.voice_cmd == "create":
         v = stub.CreateVoice(
             pb.CreateVoiceRequest(
-                ref_audio=Path(a.ref_audio).read_bytes(),
+                ref_audio=Path(a.ref_audio).read_bytes() if a.ref_audio else b"",
+                ref_audio_url=a.ref_audio_url or "",
                 ref_text=a.ref_text,
                 x_vector_only=a.x_vector_only,
                 display_name=a.name,

@@ -7,6 +7,7 @@ below the server knows about gRPC.
 * ``InvalidInputError`` and its subclasses  -> INVALID_ARGUMENT
 * ``CapacityError``                         -> RESOURCE_EXHAUSTED
 * ``NotFoundError``                         -> NOT_FOUND
+* ``UnavailableError``                      -> UNAVAILABLE
 * ``ModelUnavailableError``/``CheckpointError`` -> FAILED_PRECONDITION at start-up
 """
 
@@ -126,3 +127,8 @@ class CapacityError(Qwen3TTSError):
 
 class NotFoundError(Qwen3TTSError):
     pass
+
+
+class UnavailableError(Qwen3TTSError):
+    """The call cannot be taken now: the model is still loading, the server is draining,
+    or the engine has stopped (UNAVAILABLE: retry, elsewhere if need be)."""

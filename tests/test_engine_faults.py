@@ -269,3 +269,29 @@ def test_over_grpc_the_faulty_stream_gets_internal_and_the_others_finish(
         assert wait_for(lambda: engine.live_sessions == 0 and engine.free_slots == 4, 10)
     finally:
         srv.stop()
+
+
+def test_text_after_generation_ended_is_not_spoken_and_the_engine_lives_on(ckpt: Checkpoint) -> None:
+    """Generation may end (EOS, or max_new_tokens) before the text does: the rest of that
+    utterance's text is dropped, its end waits for the flush (and echoes its client id),
+    and nothing else is disturbed (this once stopped the device worker)."""
+    voice = voice_prompt(ckpt, speaker=ckpt.config.speakers[0])
+    engine = Engine(ckpt, EngineConfig(max_sessions=2))
+    try:
+        s = engine.open_session(voice, "english", SamplingParams.greedy(max_new_tokens=2))
+        s.push_text("Hello there, a sentence.")
+        assert wait_for(lambda: any(isinstance(m, PcmPacket) for m in list(s.out._items)), 30)
+        assert wait_for(lambda: engine.free_slots == 2, 30)  # generation over, the slot is free
+        s.push_text(" More text for the same utterance.")
+        s.flush("first")
+        s.push_text("The next one.")
+        s.end_text()
+        msgs = list(s.messages(timeout=60))
+        assert not any(isinstance(m, SessionError) for m in msgs), msgs
+        dones = [m for m in msgs if isinstance(m, UtteranceDone)]
+        assert [(d.utterance_id, d.client_id) for d in dones] == [(0, "first"), (1, "")]
+        assert isinstance(msgs[-1], SessionClosed)
+        codes, err = run(engine.open_session(voice, "english", GREEDY), TEXTS["b"])
+        assert err is None and len(codes) > 0
+    finally:
+        engine.shutdown()

@@ -38,7 +38,7 @@ from qwen3tts_rt.engine.generation import (
 from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer
 from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
 from qwen3tts_rt.engine.synth import new_utterance
-from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError
+from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError, UnavailableError
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.model.cuda_graphs import DEFAULT_MAX_POSITIONS, FastPath
 from qwen3tts_rt.model.decoder_pool import DecoderPool
@@ -112,6 +112,10 @@ class _Utterance:
     pending_codes: list[np.ndarray] = field(default_factory=list)
     pending_from: int = 0
     ids_before_start: list[int] = field(default_factory=list)  # text ids that arrived before a slot
+    # generation finished (EOS, or the max_new_tokens cap) before the text ended: the slot is
+    # free, later text of this utterance is not spoken, and its UtteranceDone waits for the
+    # end of its text (flush/end), so that it carries the flush's client id
+    ended_early: FinishReason | None = None
 
 
 class Session:
@@ -229,6 +233,8 @@ class Engine:
         for name, v in (("first_packet_frames", fp), ("packet_frames", pf)):
             if not 1 <= v <= 100:
                 raise InvalidInputError(f"{v} is out of range: 1 <= {name} <= 100", field=name)
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise UnavailableError("the engine has stopped; see the server log")
         with self._lock:
             if self._live >= self.config.max_sessions:
                 raise CapacityError(
@@ -334,6 +340,9 @@ class Engine:
                 self._close(s)
         except (InvalidInputError, CapacityError) as e:
             self._fail(s, str(e), kind="invalid" if isinstance(e, InvalidInputError) else "capacity")
+        except Exception as e:  # a bug met by one session's command ends that session only
+            log.exception("session %d: command %r failed", s.id, op)
+            self._fail(s, f"{op} failed: {type(e).__name__}: {e}")
 
     def _fail(self, s: Session, message: str, kind: str = "internal") -> None:
         """End session ``s`` with a ``SessionError``; its slot is freed, others go on."""
@@ -384,6 +393,8 @@ class Engine:
         u = s._utterances[-1]
         if u.text_ended:
             u = self._new_utterance(s)
+        if u.ended_early is not None:
+            return  # its generation has finished: the rest of its text is not spoken
         if u.chars + len(delta) > self.config.max_utterance_chars:
             raise TextTooLongError(
                 f"utterance text exceeds {self.config.max_utterance_chars} characters "
@@ -398,6 +409,11 @@ class Engine:
     def _end_current_text(self, s: Session, client_id: str = "") -> None:
         u = s._utterances[-1]
         if u.text_ended:
+            return
+        if u.ended_early is not None:
+            u.text_ended = True
+            u.client_id = client_id
+            self._finish(s, u, u.ended_early)
             return
         self._feed(u, u.tokenizer.end())
         u.text_ended = True
@@ -416,6 +432,15 @@ class Engine:
         s.out.drop(lambda m: isinstance(m, PcmPacket))
 
     def _finish(self, s: Session, u: _Utterance, reason: FinishReason, emit: bool = True) -> None:
+        if reason is not FinishReason.CANCELLED and not u.text_ended and u.ended_early is None:
+            self._flush_packet(s, u)  # generation ended before the text: free the slot now
+            if u.state is not None:
+                self._free_slots.append(u.state.slot)
+                u.state.phase = Phase.DONE
+                u.state = None
+                self._admit_waiting()
+            u.ended_early = reason
+            return
         if reason is not FinishReason.CANCELLED:
             self._flush_packet(s, u)
         if u.state is not None:
@@ -448,8 +473,14 @@ class Engine:
                     timings={"compute_s": u.compute_s},
                 )
             )
-        if s._utterances and s._utterances[0].state is None and (s, s._utterances[0]) not in self._waiting:
-            self._start(s, s._utterances[0])
+        head = s._utterances[0] if s._utterances else None
+        if (
+            head is not None
+            and head.state is None
+            and head.ended_early is None
+            and (s, head) not in self._waiting
+        ):
+            self._start(s, head)
         self._maybe_close(s)
 
     def _admit_waiting(self) -> None:

@@ -27,7 +27,12 @@ from qwen3tts_rt.metrics import MetricsServer
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.server import riva_service
 from qwen3tts_rt.server.config import ServerConfig
-from qwen3tts_rt.server.interceptors import BearerAuthInterceptor, InFlightInterceptor, MetricsInterceptor
+from qwen3tts_rt.server.interceptors import (
+    BearerAuthInterceptor,
+    InFlightInterceptor,
+    MetricsInterceptor,
+    UndecodableRequestInterceptor,
+)
 from qwen3tts_rt.server.runtime import Runtime
 from qwen3tts_rt.server.tts_service import TextToSpeechServicer
 from qwen3tts_rt.v1 import tts_pb2, tts_pb2_grpc
@@ -62,12 +67,16 @@ class TTSServer:
     async def start(self) -> int:
         """Listen (health NOT_SERVING until ``load``); returns the bound port."""
         cfg = self.config
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MetricsInterceptor(),
+            UndecodableRequestInterceptor(),
+        ]
         if cfg.auth_token:
             interceptors.append(BearerAuthInterceptor(cfg.auth_token))
         interceptors.append(self.inflight)
         server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_bytes),
                 ("grpc.max_send_message_length", cfg.max_response_bytes),

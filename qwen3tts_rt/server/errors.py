@@ -6,6 +6,10 @@
 * ``UnavailableError`` (not ready, draining)  -> UNAVAILABLE
 * ``ModelUnavailableError``/``CheckpointError`` -> FAILED_PRECONDITION
 * a failure inside an engine session          -> by ``SessionError.kind``
+* a request message that does not parse       -> INVALID_ARGUMENT (``DecodeError``: bad UTF-8
+  in a string field, corrupt wire format). Streamed requests are parsed as the handler reads
+  them; single requests are parsed before any handler runs, so ``UndecodableRequestInterceptor``
+  hands those over as ``UndecodableRequest`` (else gRPC would answer UNKNOWN).
 * anything else                               -> INTERNAL (details only in the server log)
 """
 
@@ -18,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from qwen3tts_rt.errors import (
     CapacityError,
@@ -26,13 +31,10 @@ from qwen3tts_rt.errors import (
     ModelUnavailableError,
     NotFoundError,
     Qwen3TTSError,
+    UnavailableError,
 )
 
 log = logging.getLogger(__name__)
-
-
-class UnavailableError(Qwen3TTSError):
-    """The server cannot take the call now (model still loading, or draining)."""
 
 
 class SessionFailedError(Qwen3TTSError):
@@ -60,10 +62,18 @@ _SESSION_CODES = {
 }
 
 
+def undecodable_message(exc: BaseException) -> str:
+    return (
+        f"request: the message could not be parsed ({exc}); send a valid protobuf message (strings in UTF-8)"
+    )
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, client-facing message) for an exception."""
     if isinstance(exc, SessionFailedError):
         return _SESSION_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc)
+    if isinstance(exc, DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(exc)
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code, str(exc)

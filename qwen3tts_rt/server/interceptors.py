@@ -1,4 +1,5 @@
-"""Server interceptors: bearer-token auth and per-RPC status counting."""
+"""Server interceptors: bearer-token auth, per-RPC status counting, RPCs in flight, and
+requests that do not parse."""
 
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from qwen3tts_rt import metrics
+from qwen3tts_rt.server.errors import undecodable_message
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A copy of ``handler`` whose behaviour is ``wrap(behaviour)`` (same RPC kind)."""
+    """A copy of ``handler`` whose behaviour is ``wrap(behaviour)`` (same RPC kind), with
+    another request deserializer where one is given."""
     kw = dict(
-        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
     )
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kw)
@@ -31,19 +38,21 @@ def _wrap(
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
 
 
-def _around(behaviour: Callable[..., Any], before: Callable[[Any], Awaitable[None]]) -> Callable[..., Any]:
-    """``behaviour`` (coroutine or async generator) preceded by ``await before(context)``."""
+def _around(
+    behaviour: Callable[..., Any], before: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+) -> Callable[..., Any]:
+    """``behaviour`` (coroutine or async generator) preceded by ``await before(request, context)``."""
     if inspect.isasyncgenfunction(behaviour):
 
         async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await before(context)
+            await before(request, context)
             async for item in behaviour(request, context):
                 yield item
 
         return gen
 
     async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await before(context)
+        await before(request, context)
         return await behaviour(request, context)
 
     return coro
@@ -77,7 +86,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         ):
             return handler
 
-        async def deny(context: grpc.aio.ServicerContext) -> None:
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong credentials: send metadata 'authorization: Bearer <token>'",
@@ -113,7 +122,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         _, service, name = ([*handler_call_details.method.split("/"), "", ""])[:3]
 
-        async def count(context: grpc.aio.ServicerContext) -> None:
+        async def count(request: Any, context: grpc.aio.ServicerContext) -> None:
             context.add_done_callback(lambda ctx: metrics.RPCS.labels(service, name, _code_name(ctx)).inc())
 
         return _wrap(handler, lambda b: _around(b, count))
@@ -172,3 +181,43 @@ class InFlightInterceptor(grpc.aio.ServerInterceptor):
                 self._exit()
 
         return coro
+
+
+class UndecodableRequest:
+    """What a single-request RPC gets instead of its message when the message did not parse."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as e:
+            return UndecodableRequest(e)
+
+    return parse
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, UndecodableRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable_message(request.error))
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Single-request RPCs whose message does not parse end with INVALID_ARGUMENT and a
+    message saying why, instead of gRPC's UNKNOWN. (Streamed requests are parsed while the
+    handler reads them: ``errors.status_for`` maps their ``DecodeError``.)"""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        return _wrap(
+            handler, lambda b: _around(b, _refuse_undecodable), _tolerant(handler.request_deserializer)
+        )

@@ -29,12 +29,13 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from qwen3tts_rt.audio import is_audio_file
 from qwen3tts_rt.engine.voices import voice_prompt
 from qwen3tts_rt.errors import CapacityError, InvalidInputError, UnknownLanguageError, UnknownVoiceError
 from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.server.errors import grpc_errors
-from qwen3tts_rt.server.runtime import OutputFormat, Runtime, output_format
-from qwen3tts_rt.server.stream import AudioEvent, SpeechStream
+from qwen3tts_rt.server.runtime import OutputFormat, Runtime, check_instruct, output_format
+from qwen3tts_rt.server.stream import AudioEvent, SpeechStream, has_speech
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
 # Importing these registers nvidia.riva.* in the default descriptor pool (used by reflection).
@@ -102,11 +103,14 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
     async def _voice(self, req: rtts.SynthesizeSpeechRequest) -> VoicePrompt:
         rt, ckpt = self.rt, self.rt.checkpoint
         instruct = req.custom_configuration.get("instruct") or None
+        check_instruct(instruct or "", field="custom_configuration.instruct")
         zs = req.zero_shot_data
         if zs.audio_prompt:
             audio: bytes | np.ndarray = zs.audio_prompt
             rate = None
-            if zs.encoding == riva_audio.LINEAR_PCM and not zs.audio_prompt.startswith(b"RIFF"):
+            # the content decides: a file (WAV, MP3, ...) is decoded as a file whatever the
+            # declared encoding; LINEAR_PCM that is no file is raw 16-bit samples
+            if zs.encoding == riva_audio.LINEAR_PCM and not is_audio_file(zs.audio_prompt):
                 if zs.sample_rate_hz <= 0:
                     raise InvalidInputError(
                         "raw LINEAR_PCM audio needs its sample rate", field="zero_shot_data.sample_rate_hz"
@@ -159,8 +163,10 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
 
     def _check_text(self, text: str, *, allow_empty: bool = False) -> None:
         limit = self.rt.config.max_synthesize_chars
-        if not allow_empty and not text.strip():
-            raise InvalidInputError("is empty: there is nothing to say", field="text")
+        if not allow_empty and not has_speech(text):
+            raise InvalidInputError(
+                "is empty: there is nothing to say (only whitespace or control characters)", field="text"
+            )
         if len(text) > limit:
             raise InvalidInputError(
                 f"has {len(text)} characters; at most {limit} (max_synthesize_chars)", field="text"

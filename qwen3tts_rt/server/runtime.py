@@ -28,12 +28,19 @@ from qwen3tts_rt.engine.voices import (
     model_fingerprint,
     voice_prompt,
 )
-from qwen3tts_rt.errors import InvalidInputError, NotFoundError, UnknownVoiceError
+from qwen3tts_rt.errors import (
+    CapacityError,
+    InvalidInputError,
+    NotFoundError,
+    ReferenceAudioError,
+    UnknownVoiceError,
+)
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
 from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.model.sampling import SamplingParams
 from qwen3tts_rt.server.config import ServerConfig
 from qwen3tts_rt.server.errors import UnavailableError, with_field_prefix
+from qwen3tts_rt.server.ref_fetch import FetchLimits, RefAudioFetcher, RefAudioUrlError
 from qwen3tts_rt.server.voice_store import VoiceRecord, VoiceStore, is_valid_voice_id, request_hash
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
@@ -47,6 +54,15 @@ ENCODINGS: dict[int, PcmEncoding] = {
     pb.ALAW: PcmEncoding.ALAW,
 }
 MAX_SEED = 2**63 - 1 - 1_000_000  # the engine adds the utterance index to the seed
+# Voice descriptions are prefilled whole before the first frame. TODO: ServerConfig.max_instruct_chars.
+MAX_INSTRUCT_CHARS = 2000
+
+
+def check_instruct(instruct: str, *, field: str) -> None:
+    if len(instruct) > MAX_INSTRUCT_CHARS:
+        raise InvalidInputError(
+            f"has {len(instruct)} characters; at most {MAX_INSTRUCT_CHARS} (max_instruct_chars)", field=field
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class Runtime:
         self.draining = False
         self.model_id = config.model
         self._voice_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3tts-voices")
+        self._voice_jobs = 0  # clonings queued or running (changed on the event loop only)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -110,6 +127,8 @@ class Runtime:
                 first_packet_frames=cfg.first_packet_frames,
                 packet_frames=cfg.packet_frames,
                 max_utterance_chars=cfg.max_utterance_chars,
+                max_buffered_packets=cfg.max_buffered_packets,
+                max_pending_utterances=cfg.max_pending_utterances,
             ),
         )
         if hasattr(self.engine, "on_tick"):
@@ -136,7 +155,10 @@ class Runtime:
         self._voice_pool.shutdown(wait=False, cancel_futures=True)
 
     def _warmup(self) -> None:
+        """Capture the CUDA graphs of every batch bucket (nothing to do on CPU), then speak
+        one short utterance, so the first client meets no capture or lazy-init stall."""
         ckpt, engine = self.checkpoint, self.require_engine()
+        engine.warmup(timeout=600)
         kind = ckpt.config.tts_model_type
         if kind == "base":
             t = np.arange(int(1.5 * 24000)) / 24000
@@ -206,6 +228,36 @@ class Runtime:
         notes = list(audio.notes) + list(audio.warnings)
         return ClonedVoice(dataclasses.replace(prompt, notes=tuple(notes)), audio.duration_s, notes)
 
+    def _ref_fetcher(self) -> RefAudioFetcher:
+        """The downloader of ``ref_audio_url``s (made on first use, shared by all calls)."""
+        fetcher: RefAudioFetcher | None = getattr(self, "_fetcher", None)
+        if fetcher is None:
+            cfg = self.config
+            fetcher = self._fetcher = RefAudioFetcher(
+                FetchLimits(
+                    max_bytes=cfg.ref_audio.max_bytes,
+                    timeout_s=cfg.ref_audio_url_timeout_s,
+                    max_redirects=cfg.ref_audio_url_max_redirects,
+                    allow_private=cfg.ref_audio_url_allow_private,
+                    max_concurrent=cfg.ref_audio_url_max_concurrent,
+                )
+            )
+        return fetcher
+
+    async def fetch_ref_audio(self, ref_audio: bytes, ref_audio_url: str) -> bytes:
+        """The bytes behind ``ref_audio_url``, where this server allows URLs. Downloaded on a
+        worker thread of its own (not the voice thread: a slow host must not hold up the
+        prompt loads of other streams), within the byte and time limits."""
+        if not self.config.allow_ref_audio_urls:
+            raise RefAudioUrlError(
+                "this server does not fetch reference audio from URLs (setting allow_ref_audio_urls, "
+                "`serve --allow-ref-audio-urls`); send the audio bytes in ref_audio"
+            )
+        if ref_audio:
+            raise RefAudioUrlError("give the reference audio in ref_audio or ref_audio_url, not both")
+        data: bytes = await asyncio.to_thread(self._ref_fetcher().fetch, ref_audio_url)
+        return data
+
     async def clone(
         self,
         ref_audio: bytes | np.ndarray,
@@ -213,19 +265,46 @@ class Runtime:
         x_vector_only: bool,
         *,
         sample_rate: int | None = None,
+        ref_audio_url: str = "",
+        audio_field: str = "ref_audio",
     ) -> ClonedVoice:
-        """Reference audio -> clone prompt, on the voice thread."""
+        """Reference audio (bytes, samples, or downloaded from ``ref_audio_url``) -> clone
+        prompt, on the voice thread. Audio rule errors name ``audio_field`` (the URL field
+        when the audio came from one)."""
+        if ref_audio_url:
+            assert isinstance(ref_audio, bytes)
+            ref_audio = await self.fetch_ref_audio(ref_audio, ref_audio_url)
+            audio_field = "ref_audio_url"
         if isinstance(ref_audio, bytes) and not ref_audio:
             raise InvalidInputError(
-                "is empty: send the bytes of a WAV/FLAC/MP3/OGG/M4A recording", field="ref_audio"
+                "is empty: send the bytes of a WAV/FLAC/MP3/OGG/M4A recording", field=audio_field
             )
-        result: ClonedVoice = await self.in_voice_thread(
-            self._clone_blocking, ref_audio, ref_text, x_vector_only, sample_rate
-        )
+        limit = self.config.max_voice_jobs
+        if self._voice_jobs >= limit:  # each queued job holds its audio: the queue stays bounded
+            raise CapacityError(
+                f"{limit} voice clonings are already queued or running (max_voice_jobs); retry shortly"
+            )
+        self._voice_jobs += 1
+        try:
+            result: ClonedVoice = await self.in_voice_thread(
+                self._clone_blocking, ref_audio, ref_text, x_vector_only, sample_rate
+            )
+        except ReferenceAudioError as e:
+            if e.field == "ref_audio":
+                e.field = audio_field
+            raise
+        finally:
+            self._voice_jobs -= 1
         return result
 
     async def create_voice(
-        self, ref_audio: bytes, ref_text: str, x_vector_only: bool, display_name: str
+        self,
+        ref_audio: bytes,
+        ref_text: str,
+        x_vector_only: bool,
+        display_name: str,
+        *,
+        ref_audio_url: str = "",
     ) -> VoiceRecord:
         store = self.require_store()
         if len(display_name) > self.config.max_display_name_chars or not display_name.isprintable():
@@ -233,11 +312,15 @@ class Runtime:
                 f"must be printable text of at most {self.config.max_display_name_chars} characters",
                 field="display_name",
             )
+        audio_field = "ref_audio"
+        if ref_audio_url:  # the downloaded bytes stand for the request (same content, same voice)
+            ref_audio = await self.fetch_ref_audio(ref_audio, ref_audio_url)
+            audio_field = "ref_audio_url"
         key = request_hash(ref_audio, ref_text, x_vector_only, display_name)
         existing = store.find_by_request(key)
         if existing is not None:  # computed once: the same request returns the same voice
             return existing
-        cloned = await self.clone(ref_audio, ref_text, x_vector_only)
+        cloned = await self.clone(ref_audio, ref_text, x_vector_only, audio_field=audio_field)
         rec: VoiceRecord = await self.in_voice_thread(
             store.create,
             cloned.prompt,
@@ -270,7 +353,12 @@ class Runtime:
             return voice_prompt(ckpt, clone=prompt, instruct=instruct)
         if which == "clone":
             try:
-                cloned = await self.clone(cfg.clone.ref_audio, cfg.clone.ref_text, cfg.clone.x_vector_only)
+                cloned = await self.clone(
+                    cfg.clone.ref_audio,
+                    cfg.clone.ref_text,
+                    cfg.clone.x_vector_only,
+                    ref_audio_url=cfg.clone.ref_audio_url,
+                )
             except InvalidInputError as e:
                 raise with_field_prefix(e, "config.clone.") from None
             return voice_prompt(ckpt, clone=cloned.prompt, instruct=instruct)
@@ -347,6 +435,7 @@ class Runtime:
         self.check_ready()
         fmt = output_format(cfg.sample_rate_hz, cfg.encoding)
         params = self.sampling(cfg.sampling)
+        check_instruct(cfg.instruct, field="config.instruct")
         voice = await self.voice_from_config(cfg)
         seed = cfg.seed if cfg.HasField("seed") else None
         session = self.open_session(

@@ -21,6 +21,22 @@ from qwen3tts_rt.engine.messages import PcmPacket, SessionClosed, SessionError, 
 from qwen3tts_rt.server.errors import SessionFailedError
 from qwen3tts_rt.server.runtime import OutputFormat
 
+# C0 and C1 control characters other than tab, line feed and carriage return: invisible,
+# never speech, and they would reach the model as byte tokens.
+_CONTROL = {c: " " for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
+
+
+def clean_text(text: str) -> str:
+    """Text as the model gets it: each control character (other than tab and line breaks)
+    becomes a space, so that character offsets (``Progress.chars_consumed``) still count
+    the client's characters."""
+    return text.translate(_CONTROL)
+
+
+def has_speech(text: str) -> bool:
+    """Whether ``text`` holds anything to say (not only whitespace and control characters)."""
+    return bool(clean_text(text).strip())
+
 
 @dataclass(frozen=True)
 class AudioEvent:
@@ -72,6 +88,10 @@ class SpeechStream:
         self._seq = 0
         self._first_audio_written = False
         self._error: BaseException | None = None
+        self._held = ""  # leading whitespace of the current utterance, not sent yet
+        self._spoken = False  # the current utterance has text to say
+        # more leading whitespace than an utterance may hold goes to the engine (which refuses it)
+        self._max_held = session.engine.config.max_utterance_chars
 
     def _utt(self, uid: int) -> _Utt:
         u = self._utts.get(uid)
@@ -82,19 +102,34 @@ class SpeechStream:
     # ------------------------------------------------------------------ reader side
 
     def text(self, delta: str) -> None:
+        """A text delta of the current utterance. Control characters become spaces; the
+        whitespace an utterance starts with is held back until something to say follows,
+        so an utterance of whitespace only stays silent (as an empty one does)."""
+        delta = clean_text(delta)
+        if not self._spoken:
+            self._held += delta
+            if self._held.isspace() and len(self._held) <= self._max_held:
+                return
+            delta, self._held = self._held, ""
+            self._spoken = bool(delta.strip())
         if delta:
             u = self._utt(self._current)
             if u.first_text_at is None:
                 u.first_text_at = time.perf_counter()
-        self.session.push_text(delta)
+            self.session.push_text(delta)
+
+    def _next_utterance(self) -> None:
+        self._current += 1
+        self._held = ""
+        self._spoken = False
 
     def flush(self, client_id: str = "") -> None:
         self.session.flush(client_id)
-        self._current += 1
+        self._next_utterance()
 
     def cancel(self) -> None:
         self.session.cancel()
-        self._current += 1
+        self._next_utterance()
         self._live_from = self._current
 
     def end(self) -> None:
@@ -173,8 +208,12 @@ class SpeechStream:
         return DoneEvent(msg, latency)
 
     def _audio(self, uid: int, u: _Utt, pcm: np.ndarray, last: bool = False) -> AudioEvent:
+        """An audio event; only one with samples takes a sequence number (an empty end
+        marker is not written by the streaming API, and nothing follows it in Synthesize),
+        so the numbers a client sees run 0, 1, 2, ... without gaps."""
         ev = AudioEvent(uid, self._seq, u.samples, encode_pcm(pcm, self.fmt.encoding), int(pcm.size), last)
-        self._seq += 1
+        if pcm.size:
+            self._seq += 1
         u.samples += int(pcm.size)
         return ev
 

@@ -15,7 +15,7 @@ from qwen3tts_rt.audio import SUPPORTED_OUTPUT_RATES
 from qwen3tts_rt.errors import InvalidInputError
 from qwen3tts_rt.server.errors import grpc_errors
 from qwen3tts_rt.server.runtime import Runtime
-from qwen3tts_rt.server.stream import AudioEvent, DoneEvent, ProgressEvent, SpeechStream
+from qwen3tts_rt.server.stream import AudioEvent, DoneEvent, ProgressEvent, SpeechStream, has_speech
 from qwen3tts_rt.server.voice_store import VoiceRecord
 from qwen3tts_rt.v1 import tts_pb2 as pb
 from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
@@ -133,8 +133,10 @@ class TextToSpeechServicer(pb_grpc.TextToSpeechServicer):
         started = time.perf_counter()
         self.rt.check_ready()
         limit = self.rt.config.max_synthesize_chars
-        if not request.text.strip():
-            raise InvalidInputError("is empty: there is nothing to say", field="text")
+        if not has_speech(request.text):
+            raise InvalidInputError(
+                "is empty: there is nothing to say (only whitespace or control characters)", field="text"
+            )
         if len(request.text) > limit:
             raise InvalidInputError(
                 f"has {len(request.text)} characters; at most {limit} (max_synthesize_chars)", field="text"
@@ -158,7 +160,11 @@ class TextToSpeechServicer(pb_grpc.TextToSpeechServicer):
     ) -> pb.Voice:
         self.rt.check_ready()
         rec = await self.rt.create_voice(
-            request.ref_audio, request.ref_text, request.x_vector_only, request.display_name
+            request.ref_audio,
+            request.ref_text,
+            request.x_vector_only,
+            request.display_name,
+            ref_audio_url=request.ref_audio_url,
         )
         return voice_message(rec)
 

@@ -8,8 +8,12 @@ fsync, rename, fsync of the directory):
   when its record does: the prompt is written first and removed last, so a crash leaves
   at worst an orphan prompt, which the next start deletes.
 
-Ids are unguessable (``secrets.token_urlsafe``) and are checked against a strict pattern
-before any path is made from them, so no request can name a file outside the directory.
+Ids are unguessable (``secrets.token_urlsafe``: 96 random bits) and are checked against a
+strict pattern before any path is made from them, so no request can name a file outside
+the directory; display names are data in the record, never part of a path.
+A write that fails for lack of space (full disk, quota, file-size limit) raises
+``StoreFullError`` (RESOURCE_EXHAUSTED: the server's problem, not the request's) and leaves
+the store as it was: the half-written files are removed at once, and no voice is recorded.
 Prompts are computed once (at creation; a repeated identical request returns the voice
 it made before) and kept in memory under a byte cap (least recently used dropped first).
 Voices computed with other weights are kept on disk but not listed or used.
@@ -19,6 +23,7 @@ Thread-safe: the gRPC layer calls it from worker threads.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import logging
@@ -38,7 +43,14 @@ from qwen3tts_rt.errors import CapacityError, NotFoundError
 log = logging.getLogger(__name__)
 
 VOICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+VOICE_ID_BYTES = 12  # 96 random bits -> 16 URL-safe characters
 RECORD_FORMAT = "qwen3tts-rt.voice.v1"
+# errors that mean "no room to write": full disk, quota, RLIMIT_FSIZE
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class StoreFullError(CapacityError):
+    """The voice could not be saved: the store's disk (or quota) is full."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,11 @@ def is_valid_voice_id(voice_id: str) -> bool:
     return bool(VOICE_ID_RE.fullmatch(voice_id))
 
 
+def new_voice_id() -> str:
+    """A fresh unguessable voice id (``VOICE_ID_BYTES`` random bytes, URL-safe base64)."""
+    return secrets.token_urlsafe(VOICE_ID_BYTES)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -91,6 +108,22 @@ def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (libraries such as safetensors wrap it in their own)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    for code in NO_SPACE_ERRNOS:  # a Rust-side I/O error arrives as text only
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
 
 
 class VoiceStore:
@@ -173,9 +206,9 @@ class VoiceStore:
                 raise CapacityError(
                     f"the voice store holds its limit of {self.max_voices} voices (max_voices); delete some first"
                 )
-            voice_id = secrets.token_urlsafe(12)
+            voice_id = new_voice_id()
             while voice_id in self._records or not is_valid_voice_id(voice_id):
-                voice_id = secrets.token_urlsafe(12)
+                voice_id = new_voice_id()
             rec = VoiceRecord(
                 voice_id=voice_id,
                 display_name=display_name,
@@ -187,13 +220,33 @@ class VoiceStore:
                 request_hash=req_hash,
                 notes=list(notes),
             )
-            _atomic_write(self._path(voice_id, ".safetensors"), prompt.save)
-            body = json.dumps(asdict(rec), indent=1).encode()
-            _atomic_write(self._path(voice_id, ".json"), lambda p: p.write_bytes(body))
+            self._save(voice_id, prompt, rec)
             self._records[voice_id] = rec
             self._by_request[req_hash] = voice_id
             self._remember(voice_id, prompt)
             return rec
+
+    def _save(self, voice_id: str, prompt: VoiceClonePrompt, rec: VoiceRecord) -> None:
+        """Write the prompt, then the record (lock held). On failure nothing of the voice is
+        left behind: ``_atomic_write`` removes its temp file, and a prompt already in place
+        are removed here (a prompt would otherwise wait for the next start as an orphan)."""
+        prompt_path, record_path = self._path(voice_id, ".safetensors"), self._path(voice_id, ".json")
+        body = json.dumps(asdict(rec), indent=1).encode()
+        try:
+            _atomic_write(prompt_path, prompt.save)
+            _atomic_write(record_path, lambda p: p.write_bytes(body))
+        except BaseException as e:
+            record_path.unlink(missing_ok=True)  # a fresh id: nothing else has these names
+            prompt_path.unlink(missing_ok=True)
+            err = _os_error(e)
+            if err is not None and err.errno in NO_SPACE_ERRNOS:
+                log.error("voice store %s: cannot save voice %s: %s", self.root, voice_id, err)
+                raise StoreFullError(
+                    f"the server's voice store is out of space ({os.strerror(err.errno or 0)}); "
+                    "the voice was not saved and the store is unchanged: retry later or ask the "
+                    "operator to free disk space"
+                ) from e
+            raise
 
     def get(self, voice_id: str) -> VoiceRecord:
         with self._lock:
