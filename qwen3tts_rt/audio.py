@@ -62,6 +62,7 @@ class ReferenceAudioRules:
     silence_peak: float = 1e-3  # peak below -60 dBFS: silent
     silence_rms: float = 1e-4  # RMS below -80 dBFS: silent
     clipped_fraction: float = 1e-3  # more than 0.1 % of samples at full scale: a warning
+    max_ref_text_chars: int = 2000  # the transcript (ICL): 60 s of speech is ~1,000 characters
 
 
 DEFAULT_RULES = ReferenceAudioRules()

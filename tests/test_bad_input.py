@@ -364,6 +364,17 @@ def audio_cases() -> list[Case]:
             needs=("aac",),
         )
     )
+
+    def long_transcript(c: Clients) -> Outcome:
+        audio = badinput.audio("wav 24 kHz mono 1.5 s")
+        req = pb.CreateVoiceRequest(ref_audio=audio, ref_text="Hello there. " * 80_000)
+        return _call(lambda: Outcome(OK, voice=c.tts.CreateVoice(req, timeout=60)))
+
+    cases.append(
+        Case(
+            "transcript of 1 MB", "CreateVoice", long_transcript, INVALID, ("ref_text", "max_ref_text_chars")
+        )
+    )
     return cases
 
 

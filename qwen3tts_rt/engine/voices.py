@@ -18,7 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen3tts_rt.audio import ReferenceAudioRules, load_reference_audio
-from qwen3tts_rt.errors import CheckpointError, MissingReferenceTextError, UnsupportedOperationError
+from qwen3tts_rt.errors import (
+    CheckpointError,
+    InvalidInputError,
+    MissingReferenceTextError,
+    UnsupportedOperationError,
+)
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.model.speaker import extract_speaker_embedding
@@ -115,14 +120,19 @@ def create_voice_clone_prompt(
             f"voice cloning needs a Base checkpoint; this one is '{ckpt.config.tts_model_type}'",
             field="ref_audio",
         )
+    rules = rules or ReferenceAudioRules()
+    if ref_text and len(ref_text) > rules.max_ref_text_chars:
+        raise InvalidInputError(
+            f"has {len(ref_text)} characters; at most {rules.max_ref_text_chars} (max_ref_text_chars): "
+            "the transcript of the reference audio only",
+            field="ref_text",
+        )
     if not x_vector_only and not (ref_text and ref_text.strip()):
         raise MissingReferenceTextError(
             "ICL voice cloning needs the transcript of the reference audio; "
             "give ref_text, or use x-vector-only mode (speaker embedding only)"
         )
-    audio = load_reference_audio(
-        ref_audio, sample_rate=sample_rate, rules=rules or ReferenceAudioRules(), allow_paths=allow_paths
-    )
+    audio = load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=allow_paths)
     emb = extract_speaker_embedding(
         ckpt.model.speaker_encoder, audio.wav, ckpt.model.device, ckpt.model.dtype
     )

@@ -31,6 +31,7 @@ class ServerConfig:
     max_synthesize_chars: int = 20_000  # text of a Synthesize / Riva request
     max_voices: int = 10_000  # voices in the store
     max_display_name_chars: int = 200
+    max_instruct_chars: int = 2000  # a voice description (prefilled whole before the first frame)
     max_buffered_packets: int = 256  # unread packets per stream before its generation pauses
     max_pending_utterances: int = 32  # utterances a stream may queue with flushes
     max_voice_jobs: int = 8  # voice clonings queued or running; more get RESOURCE_EXHAUSTED
@@ -68,6 +69,7 @@ class ServerConfig:
             "max_utterance_chars",
             "max_synthesize_chars",
             "max_voices",
+            "max_instruct_chars",
             "max_buffered_packets",
             "max_pending_utterances",
             "max_voice_jobs",

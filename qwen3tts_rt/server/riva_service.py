@@ -34,7 +34,7 @@ from qwen3tts_rt.engine.voices import voice_prompt
 from qwen3tts_rt.errors import CapacityError, InvalidInputError, UnknownLanguageError, UnknownVoiceError
 from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.server.errors import grpc_errors
-from qwen3tts_rt.server.runtime import OutputFormat, Runtime, check_instruct, output_format
+from qwen3tts_rt.server.runtime import OutputFormat, Runtime, output_format
 from qwen3tts_rt.server.stream import AudioEvent, SpeechStream, has_speech
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
@@ -103,7 +103,7 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
     async def _voice(self, req: rtts.SynthesizeSpeechRequest) -> VoicePrompt:
         rt, ckpt = self.rt, self.rt.checkpoint
         instruct = req.custom_configuration.get("instruct") or None
-        check_instruct(instruct or "", field="custom_configuration.instruct")
+        rt.check_instruct(instruct or "", field="custom_configuration.instruct")
         zs = req.zero_shot_data
         if zs.audio_prompt:
             audio: bytes | np.ndarray = zs.audio_prompt

@@ -54,15 +54,6 @@ ENCODINGS: dict[int, PcmEncoding] = {
     pb.ALAW: PcmEncoding.ALAW,
 }
 MAX_SEED = 2**63 - 1 - 1_000_000  # the engine adds the utterance index to the seed
-# Voice descriptions are prefilled whole before the first frame. TODO: ServerConfig.max_instruct_chars.
-MAX_INSTRUCT_CHARS = 2000
-
-
-def check_instruct(instruct: str, *, field: str) -> None:
-    if len(instruct) > MAX_INSTRUCT_CHARS:
-        raise InvalidInputError(
-            f"has {len(instruct)} characters; at most {MAX_INSTRUCT_CHARS} (max_instruct_chars)", field=field
-        )
 
 
 @dataclass(frozen=True)
@@ -383,6 +374,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ sessions
 
+    def check_instruct(self, instruct: str, *, field: str) -> None:
+        """Voice descriptions are prefilled whole before the first frame: bounded."""
+        limit = self.config.max_instruct_chars
+        if len(instruct) > limit:
+            raise InvalidInputError(
+                f"has {len(instruct)} characters; at most {limit} (max_instruct_chars)", field=field
+            )
+
     def sampling(self, sp: pb.SamplingParams, *, prefix: str = "config.sampling.") -> SamplingParams:
         ckpt = self.checkpoint
         overrides: dict[str, Any] = {}
@@ -435,7 +434,7 @@ class Runtime:
         self.check_ready()
         fmt = output_format(cfg.sample_rate_hz, cfg.encoding)
         params = self.sampling(cfg.sampling)
-        check_instruct(cfg.instruct, field="config.instruct")
+        self.check_instruct(cfg.instruct, field="config.instruct")
         voice = await self.voice_from_config(cfg)
         seed = cfg.seed if cfg.HasField("seed") else None
         session = self.open_session(
