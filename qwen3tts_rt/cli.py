@@ -117,7 +117,24 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         "--voices-dir", type=Path, default=default_voices_dir(), help="voice store (default: %(default)s)"
     )
     sv.add_argument("--max-sessions", type=int, default=d.max_sessions, help="live streams at most")
-    sv.add_argument("--max-utterance-chars", type=int, default=d.max_utterance_chars)
+    sv.add_argument(
+        "--max-utterance-chars",
+        type=int,
+        default=d.max_utterance_chars,
+        help="text of one utterance, between flushes (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-synthesize-chars",
+        type=int,
+        default=d.max_synthesize_chars,
+        help="text of one Synthesize / Riva request (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-instruct-chars",
+        type=int,
+        default=d.max_instruct_chars,
+        help="a voice description (default: %(default)s)",
+    )
     sv.add_argument("--max-voices", type=int, default=d.max_voices)
     sv.add_argument(
         "--max-buffered-packets",
@@ -403,6 +420,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
             voices_dir=a.voices_dir,
             max_sessions=a.max_sessions,
             max_utterance_chars=a.max_utterance_chars,
+            max_synthesize_chars=a.max_synthesize_chars,
+            max_instruct_chars=a.max_instruct_chars,
             max_voices=a.max_voices,
             max_buffered_packets=a.max_buffered_packets,
             max_pending_utterances=a.max_pending_utterances,

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 
-from qwen3tts_rt.cli import build_parser
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.server.app import ServerThread
+from qwen3tts_rt.server.config import ServerConfig
 from qwen3tts_rt.server.runtime import Runtime
 from qwen3tts_rt.v1 import tts_pb2 as pb
 from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
@@ -115,26 +115,31 @@ def test_rpcs_beyond_max_concurrent_rpcs_are_refused(
         srv.stop()
 
 
-def test_limits_have_flags() -> None:
-    a = build_parser().parse_args(
-        [
-            "serve",
-            "--max-buffered-packets",
-            "7",
-            "--max-pending-utterances",
-            "3",
-            "--max-voice-jobs",
-            "5",
-            "--max-concurrent-rpcs",
-            "99",
-        ]
-    )
-    assert (a.max_buffered_packets, a.max_pending_utterances, a.max_voice_jobs, a.max_concurrent_rpcs) == (
-        7,
-        3,
-        5,
-        99,
-    )
+def test_limits_have_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen3tts_rt import cli
+    from qwen3tts_rt.server import app
+
+    seen: list[ServerConfig] = []
+
+    async def fake_serve(config: ServerConfig) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    flags = {
+        "max_buffered_packets": 7,
+        "max_pending_utterances": 3,
+        "max_voice_jobs": 5,
+        "max_concurrent_rpcs": 99,
+        "max_instruct_chars": 11,
+        "max_synthesize_chars": 12,
+    }
+    argv = ["serve", "--model", "m", "--device", "cpu", "--dtype", "float32"]
+    for name, value in flags.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    cli.cmd_serve(cli.build_parser().parse_args(argv))
+    assert {name: getattr(seen[-1], name) for name in flags} == flags
+    with pytest.raises(SystemExit, match="max_voice_jobs"):
+        cli.cmd_serve(cli.build_parser().parse_args([*argv, "--max-voice-jobs", "0"]))
 
 
 def test_limits_reach_the_engine(ckpt: Checkpoint, tmp_path: Path) -> None:
