@@ -20,6 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.decode_cost import (
+    PEER_LEFT_CONTEXT,
+    pool_decode_costs,
+    redecode_costs,
+    streaming_decode_costs,
+)
+from benchmarks.decode_cost import sync as _sync
 from qwen3tts_rt.engine.engine import Engine, EngineConfig
 from qwen3tts_rt.engine.generation import FrameGenerator, Phase
 from qwen3tts_rt.engine.messages import PcmPacket, UtteranceDone
@@ -31,11 +38,6 @@ from qwen3tts_rt.model.layers import attention_backend
 from qwen3tts_rt.model.sampling import SamplingParams
 
 TEXT = "Hello! This is a benchmark of the streaming engine, speaking while the text still arrives."
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def device_name(dev: torch.device) -> str:
@@ -59,7 +61,7 @@ def stage_costs(ckpt: Checkpoint, voice, frames: int, cfg: EngineConfig) -> dict
     gen.warmup()  # CUDA graphs (no-op on CPU)
     gen.tick([st])  # prefill + first frame
     talker, predictor = [], []
-    codes = []
+    codes: list[torch.Tensor] = []
     while st.phase is not Phase.DONE and len(codes) < frames:
         _sync(dev)
         t0 = time.perf_counter()
@@ -68,7 +70,7 @@ def stage_costs(ckpt: Checkpoint, voice, frames: int, cfg: EngineConfig) -> dict
         t1 = time.perf_counter()
         if st.c0 == gen._eos:
             break
-        codes.extend(gen._complete_frames([st]))
+        codes.extend(frame for _, frame in gen._complete_frames([st]))
         _sync(dev)
         t2 = time.perf_counter()
         talker.append(t1 - t0)
@@ -76,29 +78,12 @@ def stage_costs(ckpt: Checkpoint, voice, frames: int, cfg: EngineConfig) -> dict
     dec = ckpt.codec.decoder
     cdev = ckpt.codec.device
     seq = torch.stack(codes).to(cdev)  # [T, G]
-    state = dec.new_state(1, cdev, ckpt.codec.dtype)
     pool = DecoderPool(dec, 1, fast, cdev, ckpt.codec.dtype)
     pool.warmup()
-    pooled = []
-    for i in range(len(seq)):
-        _sync(cdev)
-        t0 = time.perf_counter()
-        pool.step([0], seq[i : i + 1])
-        _sync(cdev)
-        pooled.append(time.perf_counter() - t0)
-    stream, redecode = [], []
-    for i in range(len(seq)):
-        _sync(cdev)
-        t0 = time.perf_counter()
-        dec.decode_step(seq[None, i : i + 1], state)
-        _sync(cdev)
-        t1 = time.perf_counter()
-        dec.decode(seq[None, max(0, i - 25) : i + 1])
-        _sync(cdev)
-        t2 = time.perf_counter()
-        stream.append(t1 - t0)
-        if i >= 25:
-            redecode.append(t2 - t1)
+    singles = [(i, i + 1) for i in range(len(seq))]
+    pooled = pool_decode_costs(pool, seq, singles)
+    stream = streaming_decode_costs(dec, seq, singles, ckpt.codec.dtype)
+    redecode = redecode_costs(dec, seq, singles)[PEER_LEFT_CONTEXT:]  # full context only
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
     return {
         "frames_measured": len(codes),
