@@ -87,3 +87,23 @@ reference: venv
 
 clean:
 	rm -rf $(VENV) .venv-ref checkpoints out
+
+# --- benchmarks (issue 6)
+# The concurrency benchmark: the real server, N LLM-like gRPC streams, side by side with the
+# official qwen-tts package and the peers' decode; writes benchmarks/results/<device>-<preset>-<date>/.
+# make bench BENCH_ARGS="--preset 0.6b --device cuda --dtype bfloat16"   (see benchmarks/README.md)
+BENCH_ARGS ?= --preset 0.6b
+.PHONY: bench bench-smoke
+
+bench: venv
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+bench-smoke: venv
+	$(BIN)/python -m benchmarks --preset tiny
+
+# --- reliability (issue 8)
+# Runs the reliability tests, soak included (tens of minutes on 2 cores), and regenerates
+# docs/RELIABILITY.md from the figures they record.
+.PHONY: reliability
+reliability: venv
+	$(BIN)/python -m tests.reliability_report

@@ -122,10 +122,46 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         _, service, name = ([*handler_call_details.method.split("/"), "", ""])[:3]
 
-        async def count(request: Any, context: grpc.aio.ServicerContext) -> None:
-            context.add_done_callback(lambda ctx: metrics.RPCS.labels(service, name, _code_name(ctx)).inc())
+        return _wrap(handler, lambda b: _counted(b, service, name))
 
-        return _wrap(handler, lambda b: _around(b, count))
+
+def _counted(behaviour: Callable[..., Any], service: str, name: str) -> Callable[..., Any]:
+    """``behaviour`` whose end is counted by status code. A client's cancel reaches the
+    handler as a cancelled task while the context still reports no code (grpcio aio), so
+    the cancellation is noted here and counted as CANCELLED, not OK."""
+
+    def watch(context: grpc.aio.ServicerContext) -> dict[str, bool]:
+        seen = {"cancelled": False}
+
+        def done(ctx: grpc.aio.ServicerContext) -> None:
+            code = "CANCELLED" if seen["cancelled"] else _code_name(ctx)
+            metrics.RPCS.labels(service, name, code).inc()
+
+        context.add_done_callback(done)
+        return seen
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            seen = watch(context)
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                seen["cancelled"] = True
+                raise
+
+        return gen
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        seen = watch(context)
+        try:
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    return coro
 
 
 class InFlightInterceptor(grpc.aio.ServerInterceptor):
