@@ -36,8 +36,10 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_voice_store_faults.py", "voice store faults"),
     ("tests/test_agent_limits.py", "agent limits"),
     ("tests/test_server_errors.py", "error codes of the server"),
+    ("tests/test_engine_faults.py", "faults inside the engine"),
     ("tests/test_faults.py", "client faults and SIGTERM drain"),
     ("tests/test_load.py", "load and soak"),
+    ("tests/test_server_limits.py", "server-wide queue limits"),
 ]
 MAX_CELL = 400  # characters of one table cell
 MAX_TESTS_LISTED = 40  # per file; beyond it tests are summarised per test function

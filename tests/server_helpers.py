@@ -3,6 +3,7 @@ from the test, metrics scraping."""
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen3tts_rt.audio import encode_pcm
@@ -36,6 +38,22 @@ def start_server(
         **overrides,
     )
     return ServerThread(cfg, ckpt).start(load=load)
+
+
+def greedy(voice_id: str, frames: int, **kw: object) -> pb.StreamConfig:
+    """A stream config for a stored voice: English, greedy, ``frames`` new tokens at most."""
+    return pb.StreamConfig(
+        voice_id=voice_id,
+        language="english",
+        sampling=pb.SamplingParams(greedy=True, max_new_tokens=frames),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (after a garbage collection)."""
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def int16(wav: np.ndarray) -> np.ndarray:

@@ -9,12 +9,10 @@ import io
 import struct
 import warnings
 from pathlib import Path
-from typing import cast
 
 import av
 import numpy as np
 import pytest
-from av.audio.stream import AudioStream
 
 from qwen3tts_rt import errors
 from qwen3tts_rt.audio import (
@@ -29,9 +27,9 @@ from qwen3tts_rt.audio import (
     resample,
     write_wav,
 )
+from tests.badinput import encode
 
 RATE = 24000
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -48,24 +46,6 @@ def speechlike(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 
         env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
         out.append(0.2 * env * x + 0.01 * rng.standard_normal(n))
     return np.asarray(out, dtype=np.float32)
-
-
-def encode(x: np.ndarray, rate: int, container: str, codec: str) -> bytes:
-    """Encode [C, S] float samples with PyAV into an in-memory file."""
-    layout = {1: "mono", 2: "stereo"}[x.shape[0]]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = cast(AudioStream, out.add_stream(codec, rate=rate, layout=layout))
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(x, dtype=np.float32), format="fltp", layout=layout
-        )
-        frame.sample_rate = rate
-        size = stream.codec_context.frame_size or None
-        conv = av.AudioResampler(format=stream.format, layout=layout, rate=rate, frame_size=size)
-        for f in [*conv.resample(frame), *conv.resample(None)]:
-            out.mux(stream.encode(f))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
 
 
 def wav16(x: np.ndarray, rate: int) -> bytes:

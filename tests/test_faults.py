@@ -10,7 +10,6 @@ runs it hundreds of times."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import random
 import signal
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -39,7 +37,9 @@ from tests.server_helpers import (
     BidiCall,
     Collected,
     collect,
+    greedy,
     rpc_error,
+    rss_mb,
     sample,
     scrape,
     start_server,
@@ -57,20 +57,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TEXT = "Hello there, this is a short test sentence for the fault runs."
 SAMPLES_PER_FRAME = 1920  # at 24 kHz
-
-
-def greedy(voice_id: str, frames: int, **kw: object) -> pb.StreamConfig:
-    return pb.StreamConfig(
-        voice_id=voice_id,
-        language="english",
-        sampling=pb.SamplingParams(greedy=True, max_new_tokens=frames),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def rss_mb() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def health_status(ch: grpc.Channel) -> int:

@@ -10,7 +10,6 @@ The full sizes (1,000 sequential, 200 concurrent streams) are ``@pytest.mark.soa
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import threading
 import time
@@ -19,7 +18,6 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 
 from qwen3tts_rt.engine.engine import Engine
@@ -32,7 +30,9 @@ from tests.server_helpers import (
     BidiCall,
     Collected,
     collect,
+    greedy,
     rpc_error,
+    rss_mb,
     sample,
     scrape,
     start_server,
@@ -47,20 +47,6 @@ RSS_TARGET_MB = 50.0  # growth after warm-up (issue 8)
 SHORT_FRAMES = 4  # max_new_tokens of a short stream: 3 frames, 240 ms of audio
 SAMPLES_PER_FRAME = 1920
 LONG_TEXT = "One two three four five six seven eight nine ten."  # ~110 frames by the cap
-
-
-def greedy(voice_id: str, frames: int, **kw: object) -> pb.StreamConfig:
-    return pb.StreamConfig(
-        voice_id=voice_id,
-        language="english",
-        sampling=pb.SamplingParams(greedy=True, max_new_tokens=frames),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def rss_mb() -> float:
-    gc.collect()
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def engine_of(srv: ServerThread) -> Engine:
