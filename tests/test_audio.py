@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
@@ -27,7 +25,7 @@ from qwen3tts_rt.audio import (
     resample,
     write_wav,
 )
-from tests.badinput import encode
+from tests.badinput import encode, float_wav, has_encoder, wav16
 
 RATE = 24000
 
@@ -46,28 +44,6 @@ def speechlike(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 
         env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
         out.append(0.2 * env * x + 0.01 * rng.standard_normal(n))
     return np.asarray(out, dtype=np.float32)
-
-
-def wav16(x: np.ndarray, rate: int) -> bytes:
-    return encode(x, rate, "wav", "pcm_s16le")
-
-
-def float_wav(x: np.ndarray, rate: int) -> bytes:
-    """Mono IEEE-float WAV written by hand, so NaN reaches the file untouched."""
-    data = x.astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
-    body = (
-        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    )
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def has_encoder(name: str) -> bool:
-    try:
-        av.codec.Codec(name, "w")
-    except Exception:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- happy paths

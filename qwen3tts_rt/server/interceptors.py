@@ -125,12 +125,45 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, lambda b: _counted(b, service, name))
 
 
-def _counted(behaviour: Callable[..., Any], service: str, name: str) -> Callable[..., Any]:
-    """``behaviour`` whose end is counted by status code. A client's cancel reaches the
-    handler as a cancelled task while the context still reports no code (grpcio aio), so
-    the cancellation is noted here and counted as CANCELLED, not OK."""
+def _bracketed(
+    behaviour: Callable[..., Any], start: Callable[[grpc.aio.ServicerContext], Callable[[bool], None]]
+) -> Callable[..., Any]:
+    """``behaviour`` (coroutine or async generator) between ``end = start(context)`` and
+    ``end(cancelled)``, where ``cancelled`` says whether the handler's task was cancelled
+    (how a client's cancel reaches it: grpc.aio's context reports no code then)."""
+    if inspect.isasyncgenfunction(behaviour):
 
-    def watch(context: grpc.aio.ServicerContext) -> dict[str, bool]:
+        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            end, cancelled = start(context), False
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                end(cancelled)
+
+        return gen
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        end, cancelled = start(context), False
+        try:
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            end(cancelled)
+
+    return coro
+
+
+def _counted(behaviour: Callable[..., Any], service: str, name: str) -> Callable[..., Any]:
+    """``behaviour`` whose end is counted by status code; a cancelled handler counts as
+    CANCELLED (not OK: the context reports no code for a client's cancel)."""
+
+    def start(context: grpc.aio.ServicerContext) -> Callable[[bool], None]:
         seen = {"cancelled": False}
 
         def done(ctx: grpc.aio.ServicerContext) -> None:
@@ -138,30 +171,9 @@ def _counted(behaviour: Callable[..., Any], service: str, name: str) -> Callable
             metrics.RPCS.labels(service, name, code).inc()
 
         context.add_done_callback(done)
-        return seen
+        return lambda cancelled: seen.__setitem__("cancelled", cancelled)
 
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            seen = watch(context)
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            except asyncio.CancelledError:
-                seen["cancelled"] = True
-                raise
-
-        return gen
-
-    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        seen = watch(context)
-        try:
-            return await behaviour(request, context)
-        except asyncio.CancelledError:
-            seen["cancelled"] = True
-            raise
-
-    return coro
+    return _bracketed(behaviour, start)
 
 
 class InFlightInterceptor(grpc.aio.ServerInterceptor):
@@ -197,26 +209,11 @@ class InFlightInterceptor(grpc.aio.ServerInterceptor):
             self._idle.set()
 
     def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behaviour):
-
-            async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                self._enter()
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                finally:
-                    self._exit()
-
-            return gen
-
-        async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def start(context: grpc.aio.ServicerContext) -> Callable[[bool], None]:
             self._enter()
-            try:
-                return await behaviour(request, context)
-            finally:
-                self._exit()
+            return lambda cancelled: self._exit()
 
-        return coro
+        return _bracketed(behaviour, start)
 
 
 class UndecodableRequest:

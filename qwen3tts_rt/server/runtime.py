@@ -98,6 +98,15 @@ class Runtime:
         self.model_id = config.model
         self._voice_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3tts-voices")
         self._voice_jobs = 0  # clonings queued or running (changed on the event loop only)
+        self._fetcher = RefAudioFetcher(  # ref_audio_url downloads (used where allowed)
+            FetchLimits(
+                max_bytes=config.ref_audio.max_bytes,
+                timeout_s=config.ref_audio_url_timeout_s,
+                max_redirects=config.ref_audio_url_max_redirects,
+                allow_private=config.ref_audio_url_allow_private,
+                max_concurrent=config.ref_audio_url_max_concurrent,
+            )
+        )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -219,22 +228,6 @@ class Runtime:
         notes = list(audio.notes) + list(audio.warnings)
         return ClonedVoice(dataclasses.replace(prompt, notes=tuple(notes)), audio.duration_s, notes)
 
-    def _ref_fetcher(self) -> RefAudioFetcher:
-        """The downloader of ``ref_audio_url``s (made on first use, shared by all calls)."""
-        fetcher: RefAudioFetcher | None = getattr(self, "_fetcher", None)
-        if fetcher is None:
-            cfg = self.config
-            fetcher = self._fetcher = RefAudioFetcher(
-                FetchLimits(
-                    max_bytes=cfg.ref_audio.max_bytes,
-                    timeout_s=cfg.ref_audio_url_timeout_s,
-                    max_redirects=cfg.ref_audio_url_max_redirects,
-                    allow_private=cfg.ref_audio_url_allow_private,
-                    max_concurrent=cfg.ref_audio_url_max_concurrent,
-                )
-            )
-        return fetcher
-
     async def fetch_ref_audio(self, ref_audio: bytes, ref_audio_url: str) -> bytes:
         """The bytes behind ``ref_audio_url``, where this server allows URLs. Downloaded on a
         worker thread of its own (not the voice thread: a slow host must not hold up the
@@ -246,7 +239,7 @@ class Runtime:
             )
         if ref_audio:
             raise RefAudioUrlError("give the reference audio in ref_audio or ref_audio_url, not both")
-        data: bytes = await asyncio.to_thread(self._ref_fetcher().fetch, ref_audio_url)
+        data: bytes = await asyncio.to_thread(self._fetcher.fetch, ref_audio_url)
         return data
 
     async def clone(
