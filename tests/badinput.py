@@ -16,6 +16,8 @@ import av
 import numpy as np
 from av.audio.stream import AudioStream
 
+from qwen3tts_rt.synthetic import synthetic_speech
+
 RATE = 24000
 
 
@@ -31,18 +33,11 @@ def short_greedy_checkpoint(src: Path, dest: Path, max_new_tokens: int) -> Path:
 
 
 def speech(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """[C, S] float32: a few harmonics under a syllable-rate envelope plus a little noise
-    (passes the reference-audio rules for cloning)."""
-    n = round(seconds * rate)
-    t = np.arange(n) / rate
-    rng = np.random.default_rng(seed)
-    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
-    out = []
-    for c in range(channels):
-        f0 = 130.0 + 40 * c
-        x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
-        out.append(0.2 * env * x + 0.01 * rng.standard_normal(n))
-    return np.asarray(out, dtype=np.float32)
+    """[C, S] float32: ``synthetic_speech`` in every channel, channel c at its own pitch
+    (140 + 40·c Hz) and noise (seed + c), so that a downmix is not one channel."""
+    return np.stack(
+        [synthetic_speech(seconds, rate, pitch=140.0 + 40.0 * c, seed=seed + c) for c in range(channels)]
+    )
 
 
 def has_encoder(name: str) -> bool:

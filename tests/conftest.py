@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from qwen3tts_rt.audio import write_wav
-from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint, make_checkpoint
+from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
+from qwen3tts_rt.model.fabricate import make_checkpoint
+from qwen3tts_rt.synthetic import synthetic_speech
 from tests.reference.checkpoints import build
 
 
@@ -71,14 +73,9 @@ def tiny_loaded(tiny_checkpoint: Callable[..., Path]) -> Callable[..., Checkpoin
 
 
 def speech_like(seconds: float = 2.0, rate: int = 24000, seed: int = 0) -> np.ndarray:
-    """[S] float32: a few harmonics under a syllable-rate envelope, plus a little noise."""
-    n = round(seconds * rate)
-    t = np.arange(n) / rate
-    rng = np.random.default_rng(seed)
-    f0 = 120.0 + 10.0 * seed
-    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
-    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
-    return (0.2 * env * x + 0.01 * rng.standard_normal(n)).astype(np.float32)
+    """[S] float32: ``synthetic_speech`` whose pitch and noise follow ``seed`` (a different
+    voice per seed)."""
+    return synthetic_speech(seconds, rate, pitch=120.0 + 10.0 * (seed % 32), seed=seed)
 
 
 @pytest.fixture(scope="session")

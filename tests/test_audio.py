@@ -25,32 +25,15 @@ from qwen3tts_rt.audio import (
     resample,
     write_wav,
 )
-from tests.badinput import encode, float_wav, has_encoder, wav16
+from tests.badinput import encode, float_wav, has_encoder, speech, wav16
 
 RATE = 24000
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def speechlike(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """[C, S] float32: a few harmonics with a syllable-rate envelope plus a little noise."""
-    n = round(seconds * rate)
-    t = np.arange(n) / rate
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(channels):
-        f0 = 140.0 + 30 * c
-        x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
-        env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
-        out.append(0.2 * env * x + 0.01 * rng.standard_normal(n))
-    return np.asarray(out, dtype=np.float32)
-
 
 # --------------------------------------------------------------------------- happy paths
 
 
 def test_wav16_mono_24k_loads_unchanged() -> None:
-    x = speechlike(12.0)
+    x = speech(12.0)
     ref = load_reference_audio(wav16(x, RATE))
     assert ref.sample_rate == RATE and ref.original_sample_rate == RATE and ref.original_channels == 1
     assert ref.wav.dtype == np.float32 and ref.wav.ndim == 1
@@ -60,7 +43,7 @@ def test_wav16_mono_24k_loads_unchanged() -> None:
 
 
 def test_stereo_48k_is_downmixed_and_resampled_with_notes() -> None:
-    x = speechlike(3.0, rate=48000, channels=2)
+    x = speech(3.0, rate=48000, channels=2)
     ref = load_reference_audio(wav16(x, 48000))
     assert ref.original_sample_rate == 48000 and ref.original_channels == 2
     assert ref.sample_rate == RATE and ref.wav.shape == (3 * RATE,)
@@ -73,7 +56,7 @@ def test_stereo_48k_is_downmixed_and_resampled_with_notes() -> None:
 
 @pytest.mark.parametrize("codec", ["pcm_s24le", "pcm_s32le", "pcm_f32le"])
 def test_wide_and_float_wav(codec: str) -> None:
-    x = speechlike(2.0)
+    x = speech(2.0)
     ref = load_reference_audio(encode(x, RATE, "wav", codec))
     np.testing.assert_allclose(ref.wav, x[0], atol=1e-6)
 
@@ -92,7 +75,7 @@ def test_wide_and_float_wav(codec: str) -> None:
 def test_compressed_formats(container: str, codec: str, rate: int, kind: str) -> None:
     if not has_encoder(codec):
         pytest.skip(f"this PyAV build has no {codec} encoder")
-    x = speechlike(2.0, rate=rate)
+    x = speech(2.0, rate=rate)
     ref = load_reference_audio(encode(x, rate, container, codec))
     assert ref.source_format == kind and ref.sample_rate == RATE
     assert ref.duration_s == pytest.approx(2.0, abs=0.1)  # codecs add priming/padding
@@ -100,7 +83,7 @@ def test_compressed_formats(container: str, codec: str, rate: int, kind: str) ->
 
 
 def test_wrong_extension_is_irrelevant(tmp_path: Path) -> None:
-    x = speechlike(2.0)
+    x = speech(2.0)
     path = tmp_path / "voice.mp3"
     path.write_bytes(wav16(x, RATE))
     for src in (path, str(path)):
@@ -110,7 +93,7 @@ def test_wrong_extension_is_irrelevant(tmp_path: Path) -> None:
 
 
 def test_base64_and_data_uri() -> None:
-    x = speechlike(1.5)
+    x = speech(1.5)
     data = wav16(x, RATE)
     b64 = base64.b64encode(data).decode()
     uri = "data:audio/wav;base64," + b64
@@ -123,7 +106,7 @@ def test_base64_and_data_uri() -> None:
 
 @pytest.mark.parametrize("layout", ["S", "SC", "CS", "int16"])
 def test_numpy_input(layout: str) -> None:
-    x = speechlike(2.0, channels=1 if layout in ("S", "int16") else 2)
+    x = speech(2.0, channels=1 if layout in ("S", "int16") else 2)
     arr = {
         "S": x[0],
         "SC": x.T,
@@ -136,7 +119,7 @@ def test_numpy_input(layout: str) -> None:
 
 
 def test_peak_above_full_scale_is_scaled_down() -> None:
-    x = speechlike(2.0)[0] * 8
+    x = speech(2.0)[0] * 8
     ref = load_reference_audio(x, sample_rate=RATE)
     assert float(np.abs(ref.wav).max()) == pytest.approx(1.0)
     assert any("scaled down" in n for n in ref.notes)
@@ -149,9 +132,9 @@ def test_peak_above_full_scale_is_scaled_down() -> None:
 def test_low_sample_rates_are_rejected() -> None:
     for rate in (8000, 16000):
         with pytest.raises(errors.AudioSampleRateError, match=rf"{rate} Hz; at least 24000 Hz"):
-            load_reference_audio(wav16(speechlike(2.0, rate=rate), rate))
+            load_reference_audio(wav16(speech(2.0, rate=rate), rate))
     with pytest.raises(errors.AudioSampleRateError, match="22050 Hz"):
-        load_reference_audio(speechlike(2.0, rate=22050)[0], sample_rate=22050)
+        load_reference_audio(speech(2.0, rate=22050)[0], sample_rate=22050)
 
 
 def test_too_large_is_rejected_before_decoding(tmp_path: Path) -> None:
@@ -167,7 +150,7 @@ def test_too_large_is_rejected_before_decoding(tmp_path: Path) -> None:
 
 
 def test_too_long_is_rejected() -> None:
-    x = speechlike(61.0)
+    x = speech(61.0)
     with pytest.raises(errors.AudioTooLongError, match=r"longer than 60 s"):
         load_reference_audio(wav16(x, RATE))
     with pytest.raises(errors.AudioTooLongError, match=r"61\.0 s; at most 60 s"):
@@ -176,7 +159,7 @@ def test_too_long_is_rejected() -> None:
 
 def test_too_short_is_rejected() -> None:
     with pytest.raises(errors.AudioTooShortError, match=r"0\.20 s; at least 1 s"):
-        load_reference_audio(wav16(speechlike(0.2), RATE))
+        load_reference_audio(wav16(speech(0.2), RATE))
 
 
 def test_silence_is_rejected() -> None:
@@ -188,7 +171,7 @@ def test_silence_is_rejected() -> None:
 
 
 def test_non_finite_is_rejected() -> None:
-    x = speechlike(2.0)[0]
+    x = speech(2.0)[0]
     x[100] = np.nan
     with pytest.raises(errors.AudioNonFiniteError, match="1 NaN or infinite"):
         load_reference_audio(float_wav(x, RATE))
@@ -210,14 +193,14 @@ def test_empty_inputs() -> None:
 
 
 def test_undecodable_inputs() -> None:
-    data = wav16(speechlike(2.0), RATE)
+    data = wav16(speech(2.0), RATE)
     with pytest.raises(errors.AudioUndecodableError, match="truncated"):
         load_reference_audio(data[: len(data) // 2])
     with pytest.raises(errors.AudioUndecodableError):
         load_reference_audio(data[:30])  # cut inside the header
     with pytest.raises(errors.AudioUndecodableError, match="supported formats: WAV"):
         load_reference_audio(np.random.default_rng(0).bytes(5000))
-    mp3 = encode(speechlike(2.0), RATE, "mp3", "libmp3lame") if has_encoder("libmp3lame") else b"\xff\xfb"
+    mp3 = encode(speech(2.0), RATE, "mp3", "libmp3lame") if has_encoder("libmp3lame") else b"\xff\xfb"
     with pytest.raises(errors.AudioUndecodableError):
         load_reference_audio(mp3[:200] + np.random.default_rng(1).bytes(4000))
     for magic in (b"\x00\x00\x00\x1cftypM4A ", b"OggS", b"fLaC", b"ID3\x04\x00\x00\x00\x00\x00\x00"):
@@ -232,17 +215,17 @@ def test_undecodable_inputs() -> None:
 
 def test_client_strings_never_read_files(tmp_path: Path) -> None:
     path = tmp_path / "secret.wav"
-    path.write_bytes(wav16(speechlike(2.0), RATE))
+    path.write_bytes(wav16(speech(2.0), RATE))
     with pytest.raises(errors.AudioUndecodableError):
         load_reference_audio(str(path), allow_paths=False)
 
 
 def test_rules_are_configurable() -> None:
     rules = ReferenceAudioRules(min_seconds=0.1, min_sample_rate=16000, max_seconds=5.0)
-    ref = load_reference_audio(wav16(speechlike(0.5, rate=16000), 16000), rules=rules)
+    ref = load_reference_audio(wav16(speech(0.5, rate=16000), 16000), rules=rules)
     assert ref.sample_rate == RATE and any("16000 Hz to 24000 Hz" in n for n in ref.notes)
     with pytest.raises(errors.AudioTooLongError, match="5 s"):
-        load_reference_audio(wav16(speechlike(6.0), RATE), rules=rules)
+        load_reference_audio(wav16(speech(6.0), RATE), rules=rules)
 
 
 def test_errors_carry_the_field() -> None:
@@ -255,7 +238,7 @@ def test_errors_carry_the_field() -> None:
 
 
 def test_write_read_wav_round_trip(tmp_path: Path) -> None:
-    x = speechlike(1.0)[0]
+    x = speech(1.0)[0]
     path = tmp_path / "out.wav"
     write_wav(path, x, RATE)
     y, sr = read_wav(path)
@@ -269,7 +252,7 @@ def test_write_read_wav_round_trip(tmp_path: Path) -> None:
 
 
 def test_read_wav_float_and_stereo() -> None:
-    x = speechlike(0.5, channels=2)
+    x = speech(0.5, channels=2)
     y, sr = read_wav(encode(x, RATE, "wav", "pcm_f32le"))
     assert sr == RATE and y.shape == (x.shape[1], 2)
     np.testing.assert_allclose(y, x.T, atol=1e-7)
@@ -324,7 +307,7 @@ def test_resample_length_and_tone(to_rate: int) -> None:
 
 @pytest.mark.parametrize(("from_rate", "to_rate"), [(24000, 8000), (24000, 44100), (48000, 24000)])
 def test_stream_resampler_equals_one_shot(from_rate: int, to_rate: int) -> None:
-    x = speechlike(1.0, rate=from_rate)[0]
+    x = speech(1.0, rate=from_rate)[0]
     whole = resample(x, from_rate, to_rate)
     rs = StreamResampler(from_rate, to_rate)
     sizes = np.random.default_rng(0).integers(1, 3000, size=100)
@@ -337,7 +320,7 @@ def test_stream_resampler_equals_one_shot(from_rate: int, to_rate: int) -> None:
 
 def test_stream_resampler_passthrough() -> None:
     rs = StreamResampler(RATE, RATE)
-    x = speechlike(0.1)[0]
+    x = speech(0.1)[0]
     assert rs.passthrough
     np.testing.assert_array_equal(rs.push(x), x)
     assert rs.flush().size == 0

@@ -20,15 +20,8 @@ import torch
 from torch import Tensor
 
 from qwen3tts_rt.errors import CheckpointError, UnsupportedOperationError
-from qwen3tts_rt.model.codec import (
-    CodecConfig,
-    CodecDecoder,
-    CodecDecoderState,
-    SpeechTokenizer,
-    full_codec_config,
-    init_random_codec_,
-    tiny_codec_config,
-)
+from qwen3tts_rt.model.codec import CodecConfig, CodecDecoder, CodecDecoderState, SpeechTokenizer
+from qwen3tts_rt.model.fabricate import full_codec_config, init_random_codec_, tiny_codec_config
 
 LONG = 310  # frames: past the official 300-frame chunk and well past the 72-frame attention window
 TOL = 1e-5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qwen3tts_rt.api import Qwen3TTS
-from qwen3tts_rt.model.checkpoint import make_checkpoint
+from qwen3tts_rt.model.fabricate import make_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3tts_rt.model.fabricate import init_random_speaker_encoder_
 from qwen3tts_rt.model.speaker import (
     SpeakerEncoder,
     SpeakerEncoderConfig,
     extract_speaker_embedding,
-    init_random_speaker_encoder_,
     mel_filterbank,
     mel_spectrogram,
 )

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen3tts_rt.errors import InvalidInputError
+from qwen3tts_rt.model.fabricate import added_token_table, load_tiktoken_ranks, write_tokenizer_files
 from qwen3tts_rt.model.text_tokenizer import (
     KNOWN_ADDED_TOKENS,
     MISTRAL_FIX_PATTERN,
@@ -24,11 +25,8 @@ from qwen3tts_rt.model.text_tokenizer import (
     NfcStream,
     TextTokenizer,
     _is_starter,
-    added_token_table,
-    load_tiktoken_ranks,
     nfc_with_offsets,
     official_pretokenizer,
-    write_tokenizer_files,
 )
 
 REPO = Path(__file__).resolve().parents[1]

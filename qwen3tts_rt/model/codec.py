@@ -7,6 +7,8 @@
 
 Parameter names follow the official checkpoint (`speech_tokenizer/model.safetensors` of a
 Qwen3-TTS-12Hz model), so its weights load with strict=True and the official package loads ours.
+The norms, RoPE and MLP of the pre-transformer are those of `qwen3tts_rt.model.layers`. Random
+weights and the preset sizes for made-up checkpoints live in `qwen3tts_rt.model.fabricate`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers.models.mimi.modeling_mimi import (
 )
 
 from qwen3tts_rt.errors import CheckpointError, UnsupportedOperationError
+from qwen3tts_rt.model.layers import MLP, RMSNorm, RotaryEmbedding, apply_rope
 
 MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 ARCHITECTURE = "Qwen3TTSTokenizerV2Model"
@@ -50,7 +53,8 @@ class CodecDecoderConfig:
     """`decoder_config` of `speech_tokenizer/config.json`.
 
     Defaults are the official class defaults, used only for keys a file leaves out; they are not
-    the released sizes (see `full_codec_config`). Unknown keys are kept in `extra` for round trips.
+    the released sizes (see `qwen3tts_rt.model.fabricate.full_codec_config`). Unknown keys are
+    kept in `extra` for round trips.
     """
 
     codebook_dim: int  # the official class has no default either
@@ -173,93 +177,6 @@ class CodecConfig:
             "return_attention_mask": True,
             "sampling_rate": self.input_sample_rate,
         }
-
-
-# encoder_config as the official config class writes it: transformers' Mimi defaults at 12.5 Hz
-# (32 quantizers, of which encoder_valid_num_quantizers = 16 are used).
-_MIMI_RELEASED: dict[str, Any] = {
-    "model_type": "mimi",
-    "_frame_rate": 12.5,
-    "sampling_rate": 24000,
-    "audio_channels": 1,
-    "hidden_size": 512,
-    "num_filters": 64,
-    "num_residual_layers": 1,
-    "upsampling_ratios": [8, 6, 5, 4],
-    "kernel_size": 7,
-    "last_kernel_size": 3,
-    "residual_kernel_size": 3,
-    "dilation_growth_rate": 2,
-    "use_causal_conv": True,
-    "pad_mode": "constant",
-    "compress": 2,
-    "trim_right_ratio": 1.0,
-    "codebook_size": 2048,
-    "codebook_dim": 256,
-    "num_quantizers": 32,
-    "num_semantic_quantizers": 1,
-    "vector_quantization_hidden_dimension": 256,
-    "use_conv_shortcut": False,
-    "upsample_groups": 512,
-    "num_hidden_layers": 8,
-    "intermediate_size": 2048,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "hidden_act": "gelu",
-    "max_position_embeddings": 8000,
-    "norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "sliding_window": 250,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "layer_scale_initial_scale": 0.01,
-    "initializer_range": 0.02,
-    "use_cache": False,
-    "use_streaming": False,
-}
-
-
-def full_codec_config() -> CodecConfig:
-    """The released 12 Hz tokenizer's sizes (decoder ~114M parameters, Mimi encoder)."""
-    decoder = CodecDecoderConfig(
-        codebook_dim=512,
-        hidden_size=512,
-        latent_dim=1024,
-        intermediate_size=1024,
-        head_dim=64,
-        decoder_dim=1536,
-    )
-    return CodecConfig(decoder=decoder, encoder=dict(_MIMI_RELEASED))
-
-
-def tiny_codec_config() -> CodecConfig:
-    """The real structure (16 codebooks of 2048, window 72, 1920 samples per frame) at small widths."""
-    decoder = CodecDecoderConfig(
-        codebook_dim=32,
-        hidden_size=64,
-        latent_dim=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        decoder_dim=64,
-    )
-    encoder = {
-        **_MIMI_RELEASED,
-        "hidden_size": 32,
-        "num_filters": 4,
-        "codebook_dim": 16,
-        "vector_quantization_hidden_dimension": 16,
-        "upsample_groups": 32,  # the official builds (then drops) Mimi's upsampler: groups must divide hidden
-        "num_hidden_layers": 2,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-    }
-    return CodecConfig(decoder=decoder, encoder=encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,18 +364,6 @@ class _SplitResidualVQ(nn.Module):
         return self.rvq_first(codes[..., :1]) + self.rvq_rest(codes[..., 1:])
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
 class _LayerScale(nn.Module):
     def __init__(self, dim: int, initial: float) -> None:
         super().__init__()
@@ -466,11 +371,6 @@ class _LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * x
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 class _Attention(nn.Module):
@@ -493,8 +393,8 @@ class _Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hq, t, D]
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, t, D]
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = torch.cat([past_k, k * cos + _rotate_half(k) * sin], dim=2)
+        q = apply_rope(q, cos, sin)
+        k = torch.cat([past_k, apply_rope(k, cos, sin)], dim=2)
         v = torch.cat([past_v, v], dim=2)
         k_all, v_all = k, v
         if self.groups > 1:
@@ -503,24 +403,13 @@ class _Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), k_all, v_all
 
 
-class _Mlp(nn.Module):
-    def __init__(self, config: CodecDecoderConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _TransformerLayer(nn.Module):
     def __init__(self, config: CodecDecoderConfig) -> None:
         super().__init__()
         self.self_attn = _Attention(config)
-        self.mlp = _Mlp(config)
-        self.input_layernorm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn_layer_scale = _LayerScale(config.hidden_size, config.layer_scale_initial_scale)
         self.mlp_layer_scale = _LayerScale(config.hidden_size, config.layer_scale_initial_scale)
 
@@ -540,18 +429,10 @@ class _Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(_TransformerLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = RotaryEmbedding(config.attention_head_dim, config.rope_theta)  # angles in fp32
         self.input_proj = nn.Linear(config.latent_dim, config.hidden_size)
         self.output_proj = nn.Linear(config.hidden_size, config.latent_dim)
-
-    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions [B, t] -> cos, sin [B, 1, t, D], computed in fp32 like the official."""
-        dim = self.config.attention_head_dim
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
-        inv_freq = 1.0 / (self.config.rope_theta**exponent)  # [D/2]
-        freqs = positions[..., None].float() * inv_freq  # [B, t, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, t, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(
         self, x: Tensor, start: Tensor, keys: list[Tensor], values: list[Tensor]
@@ -560,7 +441,7 @@ class _Transformer(nn.Module):
         P = sliding_window - 1 frames per layer. Returns [B, t, latent] and the new keys/values."""
         t, past = x.shape[1], self.config.sliding_window - 1
         steps = torch.arange(t, device=x.device)
-        cos, sin = self._rope(start[:, None] + steps, x.dtype)
+        cos, sin = self.rope.cos_sin(start[:, None] + steps, x.dtype)  # [B, 1, t, D]
         # Key slot j holds frame start - past + j; query i (frame start + i) sees slots i..i + past
         # (itself and the `past` frames before it), except slots before the stream began.
         slots = torch.arange(past + t, device=x.device)[None, :]  # [1, P + t]
@@ -783,7 +664,7 @@ class CodecEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole tokenizer, checkpoints, random weights
+# The whole tokenizer and its checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
@@ -854,47 +735,3 @@ class SpeechTokenizer(nn.Module):
         )
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _random_tensor(key: str, module: nn.Module, like: Tensor, gen: torch.Generator) -> Tensor:
-    """A random value for one parameter/buffer, chosen by its name and owner."""
-    shape, name = like.shape, key.rpartition(".")[2]
-    if name in ("cluster_usage", "initialized"):
-        return torch.ones(shape)
-    if name in ("embedding_sum", "embed_sum"):
-        return torch.randn(shape, generator=gen)
-    if name in ("scale", "gamma"):  # layer scales: large enough that every stage shapes the output
-        return torch.full(shape, 0.1)
-    if name in ("alpha", "beta"):  # SnakeBeta log-frequency / log-magnitude
-        return 0.1 * torch.randn(shape, generator=gen)
-    if name == "bias":
-        return torch.zeros(shape)
-    if like.dim() == 1:  # norm weights
-        return torch.ones(shape)
-    fan_in = shape[1:].numel()
-    if isinstance(module, nn.ConvTranspose1d):  # weight [C_in, C_out, K]: C_in * K / stride terms per output
-        fan_in = shape[0] * shape[2] // module.stride[0]
-    gain = 0.3 if key.endswith("conv2.conv.weight") else 1.0  # residual branches: keep the sum from growing
-    return torch.randn(shape, generator=gen) * gain * fan_in**-0.5
-
-
-@torch.no_grad()
-def init_random_codec_(model: SpeechTokenizer | CodecDecoder, seed: int = 0, rms: float = 0.1) -> None:
-    """Draws random weights in place, deterministically from `seed`: unit-variance codebooks
-    (the official init leaves them zero, which decodes to silence), fan-in scaled weights, and the
-    decoder's last conv scaled so that random codes decode to about `rms`."""
-    gen = torch.Generator().manual_seed(seed)
-    owners = dict(model.named_modules())
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        tensor.copy_(_random_tensor(key, owners[key.rpartition(".")[0]], tensor, gen))
-    decoder = model.decoder if isinstance(model, SpeechTokenizer) else model
-    codes = torch.randint(
-        0, decoder.config.codebook_size, (1, 8, decoder.config.num_quantizers), generator=gen
-    )
-    last = decoder.decoder[-1]
-    assert isinstance(last, _CausalConv)
-    outputs: list[Tensor] = []  # the last conv's output before the clamp
-    hook = last.register_forward_hook(lambda _module, _args, out: outputs.append(out))
-    decoder.decode(codes.to(last.conv.weight.device))
-    hook.remove()
-    last.conv.weight.mul_(rms / outputs[0].float().pow(2).mean().sqrt().clamp(min=1e-8))

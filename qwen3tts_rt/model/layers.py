@@ -40,6 +40,8 @@ def activation(name: str):  # type: ignore[no-untyped-def]
 
 
 class RMSNorm(nn.Module):
+    """Computed in float32, scaled by the weight in the input's dtype (talker and codec)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -53,8 +55,9 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding:
-    """Plain 1-D RoPE. The talker's multimodal RoPE reduces to this because for TTS
-    the three position rows are always equal."""
+    """Plain 1-D RoPE, angles in float32. The talker's multimodal RoPE reduces to this
+    because for TTS the three position rows are always equal; the codec decoder's
+    transformer uses it as is."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         exps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim

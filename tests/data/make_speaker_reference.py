@@ -33,11 +33,8 @@ import librosa  # noqa: E402
 from qwen_tts.core.models import modeling_qwen3_tts as official  # noqa: E402
 from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig  # noqa: E402
 
-from qwen3tts_rt.model.speaker import (  # noqa: E402
-    SpeakerEncoder,
-    SpeakerEncoderConfig,
-    init_random_speaker_encoder_,
-)
+from qwen3tts_rt.model.fabricate import init_random_speaker_encoder_  # noqa: E402
+from qwen3tts_rt.model.speaker import SpeakerEncoder, SpeakerEncoderConfig  # noqa: E402
 
 HERE = Path(__file__).parent
 
