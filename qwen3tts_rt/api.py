@@ -5,6 +5,9 @@
     wavs, sr = tts.generate_voice_clone("Nice to meet you.", "english", voice_clone_prompt=prompt)
 
 Each ``generate_*`` returns ``(wavs, sample_rate)`` with one float32 array per text.
+``non_streaming_mode`` picks the layout with the official name and defaults: True (the
+whole text is read before the first frame) for ``generate_custom_voice`` and
+``generate_voice_design``, False (dual-track) for ``generate_voice_clone``.
 Sampling keywords use the official names (``do_sample``, ``top_k``, ``top_p``,
 ``temperature``, ``repetition_penalty``, ``subtalker_dosample``, ``subtalker_top_k``,
 ``subtalker_top_p``, ``subtalker_temperature``, ``max_new_tokens``) plus ``seed``.
@@ -20,7 +23,7 @@ import torch
 from qwen3tts_rt.engine.synth import SynthesisResult, synthesize
 from qwen3tts_rt.engine.voices import VoiceClonePrompt, create_voice_clone_prompt, voice_prompt
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
-from qwen3tts_rt.model.prompt import VoicePrompt
+from qwen3tts_rt.model.prompt import VoicePrompt, default_non_streaming_mode
 from qwen3tts_rt.model.sampling import SamplingParams
 
 _OFFICIAL_KEYS = {
@@ -69,11 +72,31 @@ class Qwen3TTS:
         ours = {_OFFICIAL_KEYS[k]: v for k, v in kw.items()}
         return SamplingParams.from_generation_config(self.ckpt.generation_config, **ours), seed
 
-    def synthesize(self, text: str, language: str, voice: VoicePrompt, **sampling: Any) -> SynthesisResult:
+    def synthesize(
+        self,
+        text: str,
+        language: str,
+        voice: VoicePrompt,
+        non_streaming_mode: bool | None = None,
+        **sampling: Any,
+    ) -> SynthesisResult:
+        """One utterance. ``non_streaming_mode`` None: the official default for this kind
+        of voice (whole text for built-in speakers and voice design, dual-track for clones)."""
         params, seed = self.sampling(**sampling)
-        return synthesize(self.ckpt, voice, text, language, params, seed=seed)
+        if non_streaming_mode is None:
+            non_streaming_mode = default_non_streaming_mode(voice)
+        return synthesize(
+            self.ckpt, voice, text, language, params, seed=seed, non_streaming_mode=non_streaming_mode
+        )
 
-    def _run(self, texts: str | list[str], language: str | list[str], voices: list[VoicePrompt], **kw: Any):  # type: ignore[no-untyped-def]
+    def _run(  # type: ignore[no-untyped-def]
+        self,
+        texts: str | list[str],
+        language: str | list[str],
+        voices: list[VoicePrompt],
+        non_streaming_mode: bool,
+        **kw: Any,
+    ):
         text_list = [texts] if isinstance(texts, str) else list(texts)
         langs = [language] * len(text_list) if isinstance(language, str) else list(language)
         if len(voices) == 1:
@@ -83,7 +106,7 @@ class Qwen3TTS:
         wavs: list[np.ndarray] = []
         sr = self.ckpt.codec.sample_rate
         for t, lang, v in zip(text_list, langs, voices):
-            wavs.append(self.synthesize(t, lang, v, **kw).wav)
+            wavs.append(self.synthesize(t, lang, v, non_streaming_mode, **kw).wav)
         return wavs, sr
 
     # ------------------------------------------------------------------ official-style API
@@ -94,14 +117,23 @@ class Qwen3TTS:
         language: str | list[str],
         speaker: str,
         instruct: str | None = None,
+        non_streaming_mode: bool = True,
         **kw: Any,
     ) -> tuple[list[np.ndarray], int]:
-        return self._run(text, language, [voice_prompt(self.ckpt, speaker=speaker, instruct=instruct)], **kw)
+        voice = voice_prompt(self.ckpt, speaker=speaker, instruct=instruct)
+        return self._run(text, language, [voice], non_streaming_mode, **kw)
 
     def generate_voice_design(
-        self, text: str | list[str], language: str | list[str], instruct: str, **kw: Any
+        self,
+        text: str | list[str],
+        language: str | list[str],
+        instruct: str,
+        non_streaming_mode: bool = True,
+        **kw: Any,
     ) -> tuple[list[np.ndarray], int]:
-        return self._run(text, language, [voice_prompt(self.ckpt, instruct=instruct)], **kw)
+        return self._run(
+            text, language, [voice_prompt(self.ckpt, instruct=instruct)], non_streaming_mode, **kw
+        )
 
     def create_voice_clone_prompt(
         self,
@@ -123,6 +155,7 @@ class Qwen3TTS:
         ref_audio: Any = None,
         ref_text: str | None = None,
         x_vector_only_mode: bool = False,
+        non_streaming_mode: bool = False,
         **kw: Any,
     ) -> tuple[list[np.ndarray], int]:
         if voice_clone_prompt is None:
@@ -131,4 +164,5 @@ class Qwen3TTS:
                     "give voice_clone_prompt, or ref_audio (+ ref_text unless x_vector_only_mode)"
                 )
             voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
-        return self._run(text, language, [voice_prompt(self.ckpt, clone=voice_clone_prompt)], **kw)
+        voice = voice_prompt(self.ckpt, clone=voice_clone_prompt)
+        return self._run(text, language, [voice], non_streaming_mode, **kw)

@@ -1,4 +1,4 @@
-"""The dual-track scheduler is a pure state machine: test it without a model."""
+"""The text schedulers of both layouts are pure state machines: test them without a model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen3tts_rt.engine.scheduler import DualTrackScheduler
+from qwen3tts_rt.engine.scheduler import DualTrackScheduler, PromptIds, WholeTextScheduler, new_scheduler
 
 EOS, PAD = 9001, 9002
 
@@ -85,3 +85,51 @@ def test_any_arrival_order_feeds_the_whole_text_track(ref, text, c_extra, cuts) 
             fed.append(e)
             frame += 1
     assert fed == whole(list(ref), list(text), c, steps)
+
+
+def test_whole_text_waits_for_the_end_then_reads_everything_at_once() -> None:
+    s = WholeTextScheduler(EOS, PAD, overlay_len=3, ref_ids=[1, 2])
+    assert s.prompt_ids() is None and s.step_id(0) is None
+    s.push([5, 6])
+    s.push([7])
+    assert s.prompt_ids() is None  # known text is not enough: the layout needs all of it
+    assert s.text_tokens_consumed(0) == 0
+    s.end()
+    ids = s.prompt_ids()
+    assert ids == PromptIds(body=[1, 2, 5, 6, 7, EOS], overlay=[PAD, PAD, PAD])
+    assert len(ids) == 9
+    assert [s.step_id(t) for t in range(4)] == [PAD] * 4
+    assert s.text_tokens_consumed(len(ids)) == 3  # the whole text was read by the prefill
+    with pytest.raises(RuntimeError):
+        s.push([8])
+
+
+def test_new_scheduler_picks_the_layout() -> None:
+    kw = dict(tts_eos_id=EOS, tts_pad_id=PAD, overlay_len=1, ref_ids=[])
+    dual = new_scheduler(non_streaming_mode=False, **kw)  # type: ignore[arg-type]
+    whole = new_scheduler(non_streaming_mode=True, **kw)  # type: ignore[arg-type]
+    assert isinstance(dual, DualTrackScheduler) and not dual.non_streaming_mode
+    assert isinstance(whole, WholeTextScheduler) and whole.non_streaming_mode
+    for s in (dual, whole):
+        s.push([5])
+        s.end()
+    assert dual.prompt_ids() == PromptIds(body=[], overlay=[5])
+    assert whole.prompt_ids() == PromptIds(body=[5, EOS], overlay=[PAD])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ref=st.lists(st.integers(0, 100), max_size=5),
+    text=st.lists(st.integers(0, 100), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=6),
+)
+def test_whole_text_prompt_is_independent_of_arrival(ref, text, cuts) -> None:
+    c = len(ref) + 1
+    s = WholeTextScheduler(EOS, PAD, overlay_len=c, ref_ids=list(ref))
+    prev = 0
+    for b in sorted({min(x, len(text)) for x in cuts} | {len(text)}):
+        s.push(text[prev:b])
+        prev = b
+        assert s.prompt_ids() is None
+    s.end()
+    assert s.prompt_ids() == PromptIds(body=[*ref, *text, EOS], overlay=[PAD] * c)

@@ -1,11 +1,14 @@
 """Frame generation for any number of utterances at once.
 
 ``FrameGenerator.tick(states)`` moves every utterance that can move by one frame:
-utterances whose next text-track entry is unknown are simply skipped, new ones are
+utterances whose next text input is unknown are simply skipped, new ones are
 prefilled, the others share one batched talker step and one batched code-predictor
 pass. The same code runs an offline synthesis (one utterance, whole text known) and
 the streaming engine (many utterances, text arriving), which is what makes a streamed
-utterance equal to the whole-text one.
+utterance equal to the whole-text one. Each utterance has its own layout (its
+scheduler, see ``engine/scheduler.py``): the prefix is prefilled at once in both; a
+dual-track utterance then moves as its text arrives, a whole-text one waits for the
+end of its text, prefills it, and then steps on tts_pad.
 
 Two ways to run the per-frame steps, same results (see ``FastPath``):
 
@@ -29,10 +32,10 @@ from typing import TypeVar
 
 import torch
 
-from qwen3tts_rt.engine.scheduler import DualTrackScheduler
+from qwen3tts_rt.engine.scheduler import TextScheduler
 from qwen3tts_rt.model.cuda_graphs import FastPath, StepCache
 from qwen3tts_rt.model.layers import KVCache, attention_backend
-from qwen3tts_rt.model.prompt import VoicePrompt, overlay_embeds, prefix_embeds
+from qwen3tts_rt.model.prompt import VoicePrompt, prefix_embeds, prompt_embeds
 from qwen3tts_rt.model.sampling import (
     DrawSettings,
     SamplingParams,
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 
 class Phase(enum.Enum):
     PREFIX = "prefix"  # nothing run yet
-    OVERLAY = "overlay"  # prefix in the cache; waiting for the first C text-track entries
+    OVERLAY = "overlay"  # prefix in the cache; waiting for the text the layout prefills (``prompt_ids``)
     FRAME = "frame"  # codebook 0 sampled; the code predictor completes the frame next
     ADVANCE = "advance"  # frame emitted; waiting for the next text-track entry
     DONE = "done"
@@ -72,7 +75,7 @@ class UtteranceState:
     language_id: int | None
     role_ids: list[int]
     params: SamplingParams
-    sched: DualTrackScheduler
+    sched: TextScheduler  # dual-track or whole-text layout
     slot: int
     max_frames: int
     seed: int | None = None  # the draws' seed; None: a random one, drawn at creation
@@ -376,10 +379,10 @@ class FrameGenerator:
             self.model.talker_forward(x, self.cache, slot, torch.tensor([0], device=dev))
             st.cache_len = x.shape[1]
             st.phase = Phase.OVERLAY
-        ids = st.sched.overlay_ids()
+        ids = st.sched.prompt_ids()
         if ids is None:
             return
-        x = overlay_embeds(self.model, st.voice, ids)[None]
+        x = prompt_embeds(self.model, st.voice, ids.body, ids.overlay)[None]
         if not self._fits(st, x.shape[1]):
             return
         h = self.model.talker_forward(x, self.cache, slot, torch.tensor([st.cache_len], device=dev))
@@ -455,6 +458,8 @@ class FrameGenerator:
         if self.cache.static:
             return
         need = st.cache_len + st.voice.overlay_len + 64
+        if st.sched.non_streaming_mode:  # the whole text is prefilled at once
+            need += len(st.sched.ref_ids) + len(st.sched.text_ids) + 1
         if st.phase is Phase.PREFIX:
             need += 64 + len(st.voice.instruct_ids)
         self.cache.ensure_capacity(need)

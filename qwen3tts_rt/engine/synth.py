@@ -2,7 +2,8 @@
 
 It runs the same ``FrameGenerator`` and the same streaming decoder (one frame per
 step) as the streaming engine, so a streamed utterance gives the same frames and the
-same samples.
+same samples, in either layout (``non_streaming_mode``, the official name: False is
+the dual-track layout, True the whole-text layout).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from qwen3tts_rt.engine.generation import (
     FrameGenerator,
     UtteranceState,
 )
-from qwen3tts_rt.engine.scheduler import DualTrackScheduler
+from qwen3tts_rt.engine.scheduler import new_scheduler
 from qwen3tts_rt.errors import InvalidInputError
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.model.prompt import VoicePrompt, check_voice, resolve_language
@@ -47,13 +48,17 @@ def new_utterance(
     *,
     seed: int | None,
     slot: int,
+    non_streaming_mode: bool = False,
 ) -> UtteranceState:
     """Validated utterance state with an empty text track (text is pushed later; the
-    frame cap is set from the text length when the text ends)."""
+    frame cap is set from the text length when the text ends). ``non_streaming_mode``
+    picks the layout: False, dual-track (the talker reads the text as it arrives); True,
+    whole-text (the prefix is prefilled at once, the text when it has ended)."""
     check_voice(ckpt.model, voice)
     lang_id = resolve_language(ckpt.model, language, voice.speaker)
     cfg = ckpt.config
-    sched = DualTrackScheduler(
+    sched = new_scheduler(
+        non_streaming_mode=non_streaming_mode,
         tts_eos_id=cfg.tts_eos_id,
         tts_pad_id=cfg.tts_pad_id,
         overlay_len=voice.overlay_len,
@@ -83,13 +88,16 @@ def synthesize(
     *,
     seed: int | None = None,
     cap: FrameCap | None = None,
+    non_streaming_mode: bool = False,
 ) -> SynthesisResult:
     params = (params or SamplingParams.from_generation_config(ckpt.generation_config)).validated()
     text_ids = ckpt.tokenizer.text_ids(text)
     if not text_ids:
         raise InvalidInputError("text is empty: there is nothing to say", field="text")
     t0 = time.perf_counter()
-    st = new_utterance(ckpt, voice, language, params, seed=seed, slot=0)
+    st = new_utterance(
+        ckpt, voice, language, params, seed=seed, slot=0, non_streaming_mode=non_streaming_mode
+    )
     st.sched.push(text_ids)
     st.sched.end()
     st.max_frames = (cap or FrameCap()).frames(params, len(text_ids))

@@ -1,20 +1,23 @@
-"""Talker input layout for dual-track generation (embedding arithmetic only).
+"""Talker input layouts (embedding arithmetic only).
 
 The talker input is, in order:
 
 * ``prefix``  — [instruct] + ``<|im_start|>assistant\\n`` + the codec prefix
   (think/nothink, think_bos, [language], think_eos, [speaker], pad) each summed with
-  tts_pad, the last one with tts_bos. Independent of the text: computed as soon as a
-  stream starts.
+  tts_pad, the last one with tts_bos. Independent of the text and the same in both
+  layouts: computed as soon as an utterance starts.
+* ``body`` — whole-text layout only: ``ref_text_ids + text_ids + [tts_eos]``, each
+  summed with codec_pad.
 * ``overlay`` — C positions where the codec track ``[codec_bos] + reference frames``
-  (C = 1 without ICL reference codes) is summed with the first C entries of the text
-  track.
-* one position per generated frame: sum of the frame's codebook embeddings + the next
-  text-track entry.
+  (C = 1 without ICL reference codes) is summed with text ids: in dual-track the first
+  C entries of the text track, in the whole-text layout tts_pad.
+* one position per generated frame: sum of the frame's codebook embeddings + a text id:
+  in dual-track the next text-track entry, in the whole-text layout tts_pad.
 
-The text track is ``ref_text_ids + text_ids + [tts_eos]`` followed by tts_pad forever.
-This is the official ``non_streaming_mode=False`` layout, rewritten so that each piece
-needs only the text it really depends on.
+The text track is ``ref_text_ids + text_ids + [tts_eos]`` followed by tts_pad forever
+(see ``engine/scheduler.py``). These are the official ``non_streaming_mode=False``
+(dual-track) and ``non_streaming_mode=True`` (whole-text) layouts, rewritten so that
+each piece needs only the text it really depends on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen3tts_rt.errors import UnknownLanguageError, UnknownSpeakerError, UnsupportedOperationError
+from qwen3tts_rt.errors import UnknownLanguageError, UnknownSpeakerError, UnsupportedOperationError, echo
 from qwen3tts_rt.model.talker import Qwen3TTSModel
 
 
@@ -62,7 +65,7 @@ def resolve_language(model: Qwen3TTSModel, language: str, speaker: str | None) -
     if lang != "auto" and (lang not in cfg.languages or "dialect" in lang):
         allowed = ", ".join(model.cfg.languages)
         raise UnknownLanguageError(
-            f"unknown language '{language}'; this model speaks: {allowed}", field="language"
+            f"unknown language {echo(language)}; this model speaks: {allowed}", field="language"
         )
     lang_id = None if lang == "auto" else cfg.languages[lang]
     if speaker and lang in ("chinese", "auto"):
@@ -82,7 +85,7 @@ def check_voice(model: Qwen3TTSModel, voice: VoicePrompt) -> None:
         if voice.speaker.lower() not in model.cfg.talker.speakers:
             allowed = ", ".join(model.cfg.speakers)
             raise UnknownSpeakerError(
-                f"unknown speaker '{voice.speaker}'; choose one of: {allowed}", field="speaker"
+                f"unknown speaker {echo(voice.speaker)}; choose one of: {allowed}", field="speaker"
             )
     elif voice.speaker_embedding is not None:
         if kind != "base":
@@ -142,3 +145,25 @@ def overlay_embeds(model: Qwen3TTSModel, voice: VoicePrompt, track_ids: list[int
     if voice.ref_codes is not None:
         codec = torch.cat([codec, model.frame_embed(voice.ref_codes.to(dev))], dim=0)
     return model.text_embed(torch.tensor(track_ids, device=dev)) + codec
+
+
+@torch.inference_mode()
+def prompt_embeds(
+    model: Qwen3TTSModel, voice: VoicePrompt, body_ids: list[int], overlay_ids: list[int]
+) -> torch.Tensor:
+    """Everything prefilled after the prefix ([len(body) + C, H]): the body positions
+    (text id + codec_pad) followed by the overlay."""
+    overlay = overlay_embeds(model, voice, overlay_ids)
+    if not body_ids:
+        return overlay
+    dev = model.device
+    ids = torch.tensor(body_ids, device=dev)
+    pad = model.codec_embed(torch.tensor([model.cfg.talker.codec_pad_id], device=dev))
+    return torch.cat([model.text_embed(ids) + pad, overlay], dim=0)
+
+
+def default_non_streaming_mode(voice: VoicePrompt) -> bool:
+    """The official default layout for this kind of voice: ``generate_custom_voice`` and
+    ``generate_voice_design`` read the whole text (True), ``generate_voice_clone`` uses
+    the dual-track layout (False)."""
+    return voice.speaker_embedding is None

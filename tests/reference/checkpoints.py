@@ -3,20 +3,28 @@
 Used both by ``run_reference.sh`` (to make them for the official package) and by the
 tests (to rebuild the identical checkpoints); ``model.safetensors`` hashes recorded in
 the manifest prove they are the same weights.
+
+``tiny-custom-1b7`` is a tiny CustomVoice checkpoint whose config.json says
+``tts_model_size: 1b7``: the official package decides from that string alone whether a
+CustomVoice model follows ``instruct`` (0.6B ones ignore it), so it stands in for the
+1.7B CustomVoice checkpoint with instructions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
-from qwen3tts_rt.model.checkpoint import make_checkpoint
+from qwen3tts_rt.model.fabricate import make_checkpoint
 
-CHECKPOINTS = {
-    "tiny-base": ("tiny", "base", 11),
-    "tiny-custom": ("tiny", "custom_voice", 12),
-    "tiny-design": ("tiny", "voice_design", 13),
+# name: (preset, kind, seed, tts_model_size written over the preset's, or None)
+CHECKPOINTS: dict[str, tuple[str, str, int, str | None]] = {
+    "tiny-base": ("tiny", "base", 11, None),
+    "tiny-custom": ("tiny", "custom_voice", 12, None),
+    "tiny-design": ("tiny", "voice_design", 13, None),
+    "tiny-custom-1b7": ("tiny", "custom_voice", 14, "1b7"),
 }
 
 
@@ -29,10 +37,15 @@ def weights_hash(ckpt_dir: Path) -> str:
 
 def build(root: Path) -> dict[str, Path]:
     out = {}
-    for name, (preset, kind, seed) in CHECKPOINTS.items():
+    for name, (preset, kind, seed, size) in CHECKPOINTS.items():
         d = root / name
         if not (d / "model.safetensors").is_file():
             make_checkpoint(d, preset=preset, kind=kind, seed=seed)
+            if size is not None:
+                cfg_path = d / "config.json"
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                cfg["tts_model_size"] = size
+                cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         out[name] = d
     return out
 
