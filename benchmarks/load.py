@@ -30,6 +30,8 @@ SENTENCES: tuple[tuple[str, str], ...] = (
     ("chinese", "今天天气晴朗，最高气温二十二度，傍晚可能会有一点小雨。"),
     ("english", "Let me check your calendar: you have two meetings this afternoon, at two and at four."),
     ("chinese", "根据您的日程安排，下午两点和四点各有一个会议，需要我提醒您吗？"),
+    # a 40-character run before the first punctuation mark (one pre-tokenizer piece)
+    ("chinese", "我们今天下午在公司楼下的咖啡馆里讨论了明年新产品的设计方案和市场推广计划大家都很满意。"),
 )
 
 

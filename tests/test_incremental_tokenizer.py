@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer
 from qwen3tts_rt.errors import InvalidInputError
-from qwen3tts_rt.model.text_tokenizer import TextTokenizer, write_tokenizer_files
+from qwen3tts_rt.model.fabricate import write_tokenizer_files
+from qwen3tts_rt.model.text_tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def text_and_cuts(draw: st.DrawFn) -> tuple[str, list[int]]:
     return text, cuts
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=text_and_cuts())
 def test_any_split_gives_the_whole_text_ids(
     toks: dict[str, TextTokenizer], case: tuple[str, list[int]]
@@ -90,7 +91,7 @@ def test_any_split_gives_the_whole_text_ids(
     check_split(toks["qwen2"], text, cuts)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=text_and_cuts())
 def test_any_split_mistral_fix_pretokenizer(
     toks: dict[str, TextTokenizer], case: tuple[str, list[int]]
@@ -99,7 +100,7 @@ def test_any_split_mistral_fix_pretokenizer(
     check_split(toks["mistral_fix"], text, cuts)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.text(max_size=40), data=st.data())
 def test_any_split_arbitrary_unicode(toks: dict[str, TextTokenizer], text: str, data: st.DataObject) -> None:
     check_split(toks["qwen2"], text, data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
@@ -158,8 +159,8 @@ def test_emits_early(toks: dict[str, TextTokenizer]) -> None:
 def test_lag_examples(toks: dict[str, TextTokenizer]) -> None:
     tok = toks["qwen2"]
 
-    def emitted(text: str) -> str:
-        inc = IncrementalTokenizer(tok)
+    def emitted(text: str, *, eager: bool = False) -> str:
+        inc = IncrementalTokenizer(tok, eager=eager)
         return tok.decode(inc.push(text))
 
     assert emitted("Hello") == ""  # rule 1: the last piece may grow
@@ -173,7 +174,40 @@ def test_lag_examples(toks: dict[str, TextTokenizer]) -> None:
     assert emitted("Hello q\u0308") == "Hello"  # rule 3: q + diaeresis still open to a composing mark
     assert emitted("Hello q\u0308 ") == "Hello q\u0308"
     assert emitted("\n\nHi there") == "Hi"  # the swallowed leading "\n" is never emitted
-    assert emitted("中文测试，你好") == "中文测试"  # a CJK run is one piece; "，" starts the next one
+    assert emitted("中文测试，你好") == "中文测试"  # piece level: a CJK run is one piece
+    # inside the last piece (eager): what the merge table proves final goes out
+    assert emitted("中文测试，你好", eager=True) == "中文测试，"  # "你好" is one token
+    assert emitted("中文测试，你好吗", eager=True) == "中文测试，你好"
+    assert emitted("Hello", eager=True) == ""  # "Hello" + "s", "Hello" + "World"...
+    assert emitted("我叫通义千问", eager=True) == "我叫通义千"  # the last character waits for one more
+    # kana may still take a voicing mark (か + \u3099 = が): the last one is not known yet
+    assert emitted("今日はいい天気です", eager=True) == "今日はいい天気"
+    assert emitted("'lla", eager=True) == "'ll"  # a contraction is its own piece
+
+
+def test_eager_emits_a_cjk_run_about_one_character_behind(toks: dict[str, TextTokenizer]) -> None:
+    """The 40-character run of issue 18, pushed one character at a time: eager, its first id
+    is out by the third character and a character waits for under 2 more on average (at
+    most 4); piece level, nothing is out before the run ends."""
+    tok = toks["qwen2"]
+    text = "我们今天下午在公司楼下的咖啡馆里讨论了明年新产品的设计方案和市场推广计划大家都很满意"
+    for eager in (True, False):
+        inc = IncrementalTokenizer(tok, eager=eager)
+        out_at: list[int] = []  # per character: characters pushed when its token went out
+        first = None
+        for k, ch in enumerate(text, 1):
+            if inc.push(ch) and first is None:
+                first = k
+            out_at += [k] * (inc.consumed_chars - len(out_at))
+        inc.end()
+        out_at += [len(text)] * (len(text) - len(out_at))
+        assert list(inc.ids) == tok.text_ids(text)
+        waits = [k - i for i, k in enumerate(out_at, 1)]
+        if eager:
+            assert first is not None and first <= 3
+            assert sum(waits) / len(waits) < 2 and max(waits) <= 4
+        else:
+            assert first is None
 
 
 def _expected_emitted(tok: TextTokenizer, text: str) -> list[int]:
@@ -199,16 +233,20 @@ _SIMPLE = [
 ]
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(parts=st.lists(st.sampled_from(_SIMPLE), min_size=1, max_size=15))
 def test_lag_rule_is_exact(toks: dict[str, TextTokenizer], parts: list[str]) -> None:
-    """After a push, exactly the pieces the documented rule allows are out: no more (that
-    would break the split property), and no fewer (emission is as early as stated)."""
+    """After a push, the piece-level tokenizer has emitted exactly the pieces the documented
+    rule allows: no more (that would break the split property), and no fewer (emission is as
+    early as stated)."""
     tok = toks["qwen2"]
     text = "".join(parts)
-    inc = IncrementalTokenizer(tok)
+    inc = IncrementalTokenizer(tok, eager=False)
     inc.push(text)
     assert list(inc.ids) == _expected_emitted(tok, text)
+    eager = IncrementalTokenizer(tok)  # eager emits at least as much, and agrees on it
+    eager.push(text)
+    assert list(eager.ids[: len(inc.ids)]) == list(inc.ids)
 
 
 def test_composition_keeps_the_regex_class() -> None:
@@ -253,6 +291,25 @@ def test_pending_tail_stays_small_and_cost_is_linear(toks: dict[str, TextTokeniz
     text = "".join(text_parts)
     assert list(inc.ids) == tok.text_ids(text)
     assert elapsed < 5.0  # ~40k characters; quadratic re-tokenization would take far longer
+
+
+def test_eager_cost_stays_bounded_on_runs_that_never_settle(toks: dict[str, TextTokenizer]) -> None:
+    """In "哈哈哈…" no boundary is final before the run ends (哈哈 + 哈 or 哈 + 哈哈 depends on its
+    length): the proof looks at a bounded window and is not redone on the same window, so the
+    eager tokenizer costs a small multiple of the piece-level one on the same text (a proof
+    redone over the whole pending run each push would cost hundreds of times more here)."""
+    tok = toks["qwen2"]
+    text = "哈" * 3000
+    spent = {}
+    for eager in (False, True):
+        inc = IncrementalTokenizer(tok, eager=eager)
+        t0 = time.process_time()
+        for ch in text:
+            inc.push(ch)
+        inc.end()
+        spent[eager] = time.process_time() - t0
+        assert list(inc.ids) == tok.text_ids(text)
+    assert spent[True] < 10 * spent[False] + 0.05
 
 
 def test_lone_surrogate_is_rejected(toks: dict[str, TextTokenizer]) -> None:
