@@ -62,7 +62,7 @@ class Reply:
     first_token_at: float | None = None  # first LLM token (say mode: the text) handed to the TTS
     first_audio_at: float | None = None
     audio: bytes = field(default=b"", repr=False)  # the user's speech (voice turns), for the ASR
-    uid: int | None = None  # its utterance on the TTS stream
+    key: str | None = None  # its utterance on the TTS stream
     text: str = ""  # everything handed to the TTS
     samples: int = 0  # TTS samples received (24 kHz)
     marks: list[tuple[int, int]] = field(default_factory=list)  # (samples received, chars spoken)
@@ -109,7 +109,7 @@ class Conversation:
         self._voice_turn: int | None = None  # the user turn being spoken now
         self._reply: Reply | None = None  # the reply being thought of or spoken
         self._replies: dict[int, Reply] = {}  # by turn, until finished
-        self._by_uid: dict[int, Reply] = {}  # by TTS utterance, until its utterance_done
+        self._by_key: dict[str, Reply] = {}  # by TTS utterance key, until its utterance_done
         self._stream: TTSStream | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping: list[int] = []  # interrupted turns whose audio stop is not reported yet
@@ -166,10 +166,10 @@ class Conversation:
         if audible:
             self._stopping.append(reply.turn)
         self._reply = None
-        if self._stream is not None and reply.uid is not None and not reply.tts_done.is_set():
-            self._stream.cancel()
-        if reply.uid is not None:
-            self._by_uid.pop(reply.uid, None)
+        if self._stream is not None and reply.key is not None and not reply.tts_done.is_set():
+            self._stream.cancel(reply.key)
+        if reply.key is not None:
+            self._by_key.pop(reply.key, None)
         if reply.input == "voice" and reply.asr_s is None:
             self._unheard = reply.audio  # not transcribed yet: transcribed with the next turn
         if reply.task is not None:
@@ -204,16 +204,17 @@ class Conversation:
                 return
             self._add_user(text)
             stream = self._tts_stream()
-            reply.uid = stream.uid
-            self._by_uid[reply.uid] = reply
+            reply.key = f"turn-{reply.turn}"
+            self._by_key[reply.key] = reply
+            stream.begin(reply.key)
             try:
                 if self.llm is not None:
                     await self._llm_to_tts(reply, stream)
                 else:
                     self._to_tts(reply, stream, text)
             finally:
-                if reply.uid == stream.uid and not stream.closed:
-                    stream.flush(f"turn-{reply.turn}")
+                if not stream.closed:
+                    stream.flush(reply.key)
             if not reply.text.strip():
                 self._finish(reply, interrupted=False, outcome="empty")
                 return
@@ -302,7 +303,7 @@ class Conversation:
     async def _read(self, stream: TTSStream) -> None:
         try:
             async for ev in stream.events():
-                reply = self._by_uid.get(ev.uid)
+                reply = self._by_key.get(ev.key)
                 if reply is None:
                     continue  # an interrupted reply's last words, or an empty utterance
                 if isinstance(ev, TTSAudio):
@@ -317,13 +318,13 @@ class Conversation:
         finally:
             if self._stream is stream:
                 self._stream = None  # the next reply opens a new call
-            for reply in list(self._by_uid.values()):  # whatever was in flight has ended
+            for reply in list(self._by_key.values()):  # whatever was in flight has ended
                 reply.failed = True
                 self._tts_done(reply)
 
     def _tts_done(self, reply: Reply) -> None:
-        if reply.uid is not None:
-            self._by_uid.pop(reply.uid, None)
+        if reply.key is not None:
+            self._by_key.pop(reply.key, None)
         if not reply.finished:
             self.track.push(reply.turn, reply.upsampler.flush())
             self.track.end(reply.turn)

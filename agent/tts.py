@@ -1,10 +1,10 @@
 """TTS client: the qwen3tts-rt gRPC API (``qwen3tts_rt.v1``), nothing else.
 
 One ``StreamSynthesize`` call per peer connection carries every reply of the call: each
-reply is one utterance (text deltas as the LLM writes them, then ``flush``); barge-in sends
-``cancel``. The server numbers utterances from 0 and starts the next one on every flush and
-every cancel; ``TTSStream`` counts the same way, so replies are matched to their audio by
-utterance id. Audio is requested as 24 kHz PCM_S16LE (the model's rate).
+reply is one named utterance (``begin`` with the reply's key, text deltas as the LLM writes
+them, then ``flush``); barge-in cancels that key only. Every message the server sends back
+carries the key, so replies are matched to their audio by key, with no counting. Audio is
+requested as 24 kHz PCM_S16LE (the model's rate).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ REASONS = {v: k.lower() for k, v in pb.UtteranceDone.Reason.items()}
 class TTSAudio:
     uid: int
     pcm: bytes  # s16le mono at 24 kHz
+    key: str = ""
 
 
 @dataclass(frozen=True)
 class TTSProgress:
     uid: int
-    chars_consumed: int  # characters of the utterance's text spoken up to the audio so far
+    chars_consumed: int  # characters of the utterance's text read by the talker so far
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TTSDone:
     reason: str  # eos | cap | cancelled
     frames: int
     first_packet_ms: float
+    key: str = ""
 
 
 TTSEvent = TTSAudio | TTSProgress | TTSDone
@@ -67,7 +70,6 @@ class TTSStream:
         self._requests: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self._requests.put_nowait(pb.StreamRequest(config=config))
         self.call = stub.StreamSynthesize(self._request_iter(), metadata=metadata)
-        self.uid = 0  # the utterance text goes to now
         self.closed = False
 
     async def _request_iter(self) -> AsyncIterator[pb.StreamRequest]:
@@ -77,21 +79,21 @@ class TTSStream:
                 return
             yield req
 
-    def text(self, delta: str) -> int:
-        """Send a text delta; returns the utterance it belongs to."""
+    def begin(self, key: str) -> None:
+        """Start the utterance named ``key``: the text that follows belongs to it."""
+        self._requests.put_nowait(pb.StreamRequest(begin=pb.BeginUtterance(key=key)))
+
+    def text(self, delta: str) -> None:
+        """Send a text delta of the current utterance."""
         self._requests.put_nowait(pb.StreamRequest(text=delta))
-        return self.uid
 
-    def flush(self, client_id: str = "") -> int:
-        """End the current utterance (the server speaks it to the end); returns its id."""
+    def flush(self, client_id: str = "") -> None:
+        """End the current utterance (the server speaks it to the end)."""
         self._requests.put_nowait(pb.StreamRequest(flush=pb.Flush(client_id=client_id)))
-        uid, self.uid = self.uid, self.uid + 1
-        return uid
 
-    def cancel(self) -> None:
-        """Barge-in: the server stops every utterance of this stream and drops their audio."""
-        self._requests.put_nowait(pb.StreamRequest(cancel=pb.Cancel()))
-        self.uid += 1
+    def cancel(self, key: str | None = None) -> None:
+        """Barge-in: the server stops the utterance ``key`` (every one if None) and drops its audio."""
+        self._requests.put_nowait(pb.StreamRequest(cancel=pb.Cancel(key=key or "")))
 
     def close(self) -> None:
         """End of text: the server finishes speaking and ends the call."""
@@ -110,9 +112,9 @@ class TTSStream:
             async for r in self.call:
                 kind = r.WhichOneof("response")
                 if kind == "audio":
-                    yield TTSAudio(r.audio.utterance_id, r.audio.audio)
+                    yield TTSAudio(r.audio.utterance_id, r.audio.audio, r.audio.key)
                 elif kind == "progress":
-                    yield TTSProgress(r.progress.utterance_id, r.progress.chars_consumed)
+                    yield TTSProgress(r.progress.utterance_id, r.progress.chars_consumed, r.progress.key)
                 elif kind == "utterance_done":
                     d = r.utterance_done
                     yield TTSDone(
@@ -120,6 +122,7 @@ class TTSStream:
                         REASONS.get(d.reason, "unspecified"),
                         d.frames,
                         d.first_packet_latency_ms,
+                        d.key,
                     )
         except asyncio.CancelledError:
             raise

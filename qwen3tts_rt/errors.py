@@ -129,6 +129,22 @@ class NotFoundError(Qwen3TTSError):
     pass
 
 
+class TimeLimitError(Qwen3TTSError):
+    """A stream passed a time limit (idle too long, or open too long): DEADLINE_EXCEEDED."""
+
+
 class UnavailableError(Qwen3TTSError):
     """The call cannot be taken now: the model is still loading, the server is draining,
     or the engine has stopped (UNAVAILABLE: retry, elsewhere if need be)."""
+
+
+ECHO_MAX_CHARS = 64  # of a client's value quoted in a message
+
+
+def echo(value: object, limit: int = ECHO_MAX_CHARS) -> str:
+    """A client's value for an error message: quoted with escapes (``repr``), cut to
+    ``limit`` characters with its full length when longer."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

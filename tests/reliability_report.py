@@ -40,6 +40,9 @@ FILES: list[tuple[str, str]] = [
     ("tests/test_faults.py", "client faults and SIGTERM drain"),
     ("tests/test_load.py", "load and soak"),
     ("tests/test_server_limits.py", "server-wide queue limits"),
+    ("tests/test_dos.py", "denial of service and memory amplification"),
+    ("tests/test_auth_order.py", "auth ordering"),
+    ("tests/test_server_utterances.py", "idle holds, utterance ids and cloning neighbours"),
 ]
 MAX_CELL = 400  # characters of one table cell
 MAX_TESTS_LISTED = 40  # per file; beyond it tests are summarised per test function

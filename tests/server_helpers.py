@@ -3,6 +3,7 @@ from the test, metrics scraping."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import queue
 import threading
@@ -19,6 +20,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen3tts_rt.audio import encode_pcm
+from qwen3tts_rt.engine.engine import EngineConfig
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.server.app import ServerThread
 from qwen3tts_rt.server.config import ServerConfig
@@ -29,12 +31,17 @@ from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
 def start_server(
     ckpt: Checkpoint | None, voices_dir: Path, *, load: bool = True, **overrides: Any
 ) -> ServerThread:
+    """A server on a free loopback port; ``overrides`` are ServerConfig fields or
+    EngineConfig fields (``max_sessions=2``)."""
+    engine_names = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine = {k: overrides.pop(k) for k in list(overrides) if k in engine_names}
     cfg = ServerConfig(
         model=str(ckpt.path) if ckpt is not None else overrides.pop("model"),
         port=0,
         metrics_port=0,
         voices_dir=voices_dir,
         drain_grace_s=5.0,
+        engine=EngineConfig(**engine),
         **overrides,
     )
     return ServerThread(cfg, ckpt).start(load=load)

@@ -29,27 +29,25 @@ CHUNK = 1920  # one 80 ms codec frame at 24 kHz
 
 
 class FakeStream:
-    """Stands in for ``agent.tts.TTSStream``: records requests, numbers utterances like the
-    server, and yields whatever the test puts in ``events``."""
+    """Stands in for ``agent.tts.TTSStream``: records requests and yields whatever the test
+    puts in ``events``."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[Any, ...]] = []
-        self.uid = 0
         self.closed = False
         self.queue: asyncio.Queue[TTSEvent | BaseException | None] = asyncio.Queue()
 
-    def text(self, delta: str) -> int:
+    def begin(self, key: str) -> None:
+        self.requests.append(("begin", key))
+
+    def text(self, delta: str) -> None:
         self.requests.append(("text", delta))
-        return self.uid
 
-    def flush(self, client_id: str = "") -> int:
+    def flush(self, client_id: str = "") -> None:
         self.requests.append(("flush", client_id))
-        uid, self.uid = self.uid, self.uid + 1
-        return uid
 
-    def cancel(self) -> None:
-        self.requests.append(("cancel",))
-        self.uid += 1
+    def cancel(self, key: str | None = None) -> None:
+        self.requests.append(("cancel", key))
 
     def abort(self) -> None:
         self.closed = True
@@ -67,16 +65,17 @@ class FakeStream:
     def texts(self) -> str:
         return "".join(r[1] for r in self.requests if r[0] == "text")
 
-    def speak(self, uid: int, text: str, pieces: list[str], done: bool = True) -> None:
+    def speak(self, key: str, text: str, pieces: list[str], done: bool = True) -> None:
         """One audio chunk per text piece, each followed by its progress (like the server)."""
         chars = 0
+        uid = int(key.rsplit("-", 1)[-1])  # any number: the agent goes by the key
         for i, piece in enumerate(pieces):
             chars += len(piece)
-            self.queue.put_nowait(TTSAudio(uid, (np.full(CHUNK, 1000 + i, "<i2")).tobytes()))
-            self.queue.put_nowait(TTSProgress(uid, chars))
+            self.queue.put_nowait(TTSAudio(uid, (np.full(CHUNK, 1000 + i, "<i2")).tobytes(), key))
+            self.queue.put_nowait(TTSProgress(uid, chars, key))
         assert chars <= len(text)
         if done:
-            self.queue.put_nowait(TTSDone(uid, "eos", len(pieces), 10.0))
+            self.queue.put_nowait(TTSDone(uid, "eos", len(pieces), 10.0, key))
 
 
 class FakeTTS:
@@ -134,10 +133,10 @@ async def test_say_mode_speaks_the_text_and_keeps_it(http: aiohttp.ClientSession
     s.conv.on_user_text("Hello there.")
     await until(lambda: bool(s.tts.streams) and ("flush", "turn-1") in s.tts.streams[0].requests)
     stream = s.tts.streams[0]
-    assert stream.requests == [("text", "Hello there."), ("flush", "turn-1")]
+    assert stream.requests == [("begin", "turn-1"), ("text", "Hello there."), ("flush", "turn-1")]
     assert s.conv.speaking
     s.clock.advance(0.03)  # the TTS takes 30 ms to the first audio
-    stream.speak(0, "Hello there.", ["Hello", " there."])
+    stream.speak("turn-1", "Hello there.", ["Hello", " there."])
     await until(lambda: s.track.queued_samples > 0)
     await play(s.track, 9)  # 2 x 80 ms of audio = 8 frames (+ the resampler's tail)
     await until(lambda: bool(s.of(AgentDone)))
@@ -173,7 +172,7 @@ async def test_tokens_go_to_one_tts_stream_as_they_arrive(http: aiohttp.ClientSe
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Weather?"},
         ]
-        stream.speak(0, "".join(TOKENS), TOKENS)
+        stream.speak("turn-1", "".join(TOKENS), TOKENS)
         await until(lambda: s.track.queued_samples > 0)
         await play(s.track, 4 * len(TOKENS) + 1)
         await until(lambda: bool(s.of(AgentDone)))
@@ -199,24 +198,23 @@ async def test_barge_in_keeps_only_what_was_sent(http: aiohttp.ClientSession) ->
         stream_flushed = lambda: bool(s.tts.streams) and ("flush", "turn-1") in s.tts.streams[0].requests  # noqa: E731
         await until(stream_flushed)
         stream = s.tts.streams[0]
-        stream.speak(0, "".join(TOKENS), TOKENS, done=False)  # the server is still generating
+        stream.speak("turn-1", "".join(TOKENS), TOKENS, done=False)  # the server is still generating
         await until(lambda: s.track.queued_samples > 0)
         await play(s.track, 9)  # 180 ms sent: "Sure" and "," (2 x 80 ms) fully, " the" partly
         decided = s.clock.now() + 0.004
         s.conv.on_vad([SpeechStarted(at=decided, began_at=decided - 0.2)])
         assert s.track.queued_samples == 0  # dropped at once
-        assert stream.requests[-1] == ("cancel",)
+        assert stream.requests[-1] == ("cancel", "turn-1")  # that reply only
         assert s.of(AgentDone) == [AgentDone(1, True, "Sure,")]
         assert s.conv.history[-1] == {"role": "assistant", "content": "Sure,"}
         await play(s.track, 1)
         (barge,) = s.of(BargeIn)
         assert barge.turn == 1 and barge.stop_ms == pytest.approx(16.0)  # the next frame's time
-        # late audio of the cancelled utterance is ignored; the next reply is utterance 2
-        # (0 was flushed, 1 was current when the cancel came)
-        stream.speak(0, "".join(TOKENS), TOKENS)
+        # late audio of the cancelled utterance is ignored; the next reply has its own key
+        stream.speak("turn-1", "".join(TOKENS), TOKENS)
         s.conv.on_user_text("Is it?")  # turn 3: the speech that barged in was turn 2
         await until(lambda: ("flush", "turn-3") in stream.requests)
-        assert stream.uid == 3
+        assert ("begin", "turn-3") in stream.requests
         assert s.track.queued_samples == 0
         assert stub.requests[1]["messages"][-2:] == [
             {"role": "assistant", "content": "Sure,"},
@@ -235,7 +233,7 @@ async def test_barge_in_while_the_llm_writes_closes_the_request(http: aiohttp.Cl
         await until(lambda: len(s.of(AgentText)) >= 3)
         s.conv.barge_in()
         stream = s.tts.streams[0]
-        assert stream.requests[-1] == ("cancel",)
+        assert stream.requests[-1] == ("cancel", "turn-1")  # that reply only
         assert ("flush", "turn-1") not in stream.requests  # cancelled, never flushed
         await until(lambda: stub.aborted == 1)
         assert stub.tokens_sent[0] < 50
@@ -255,14 +253,14 @@ async def test_barge_in_while_the_llm_writes_closes_the_request(http: aiohttp.Cl
 async def test_a_failed_tts_stream_is_reported_and_replaced(http: aiohttp.ClientSession) -> None:
     s = Setup(None, http)
     s.conv.on_user_text("One.")
-    await until(lambda: bool(s.tts.streams) and len(s.tts.streams[0].requests) == 2)
+    await until(lambda: bool(s.tts.streams) and len(s.tts.streams[0].requests) == 3)
     s.tts.streams[0].queue.put_nowait(TTSError("UNAVAILABLE: server went away"))
     await until(lambda: bool(s.of(AgentDone)))
     assert s.of(Error) == [Error("UNAVAILABLE: server went away", "tts")]
     assert s.of(AgentDone) == [AgentDone(1, True, "")]
     s.conv.on_user_text("Two.")
     await until(lambda: len(s.tts.streams) == 2)
-    assert s.tts.streams[1].requests == [("text", "Two."), ("flush", "turn-2")]
+    assert s.tts.streams[1].requests == [("begin", "turn-2"), ("text", "Two."), ("flush", "turn-2")]
     assert s.of(Transcript)[-1] == Transcript(2, "Two.", "text")
     await s.conv.close()
 
@@ -270,8 +268,8 @@ async def test_a_failed_tts_stream_is_reported_and_replaced(http: aiohttp.Client
 async def test_audio_frames_follow_the_tts_chunks(http: aiohttp.ClientSession) -> None:
     s = Setup(None, http)
     s.conv.on_user_text("Hi.")
-    await until(lambda: bool(s.tts.streams) and len(s.tts.streams[0].requests) == 2)
-    s.tts.streams[0].speak(0, "Hi.", ["Hi."])
+    await until(lambda: bool(s.tts.streams) and len(s.tts.streams[0].requests) == 3)
+    s.tts.streams[0].speak("turn-1", "Hi.", ["Hi."])
     await until(lambda: s.track.queued_samples > 0)
     frames = [await s.track.recv() for _ in range(6)]
     audio = np.concatenate([f.to_ndarray().reshape(-1) for f in frames])

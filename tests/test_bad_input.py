@@ -554,9 +554,9 @@ def voice_and_sampling_cases() -> list[Case]:
         Case(
             "unsupported rate",
             "Riva.Synthesize",
-            rv(sample_rate_hz=11025),
+            rv(sample_rate_hz=11000),
             INVALID,
-            ("sample_rate_hz", "11025 Hz is not supported"),
+            ("sample_rate_hz", "11000 Hz is not supported"),
         ),
         Case(
             "FLAC output",

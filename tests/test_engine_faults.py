@@ -146,9 +146,7 @@ def test_a_fault_in_the_decoder_fails_only_its_session(
         other = engine.open_session(voice, "english", GREEDY)
         # Slots are taken in order: the victim holds the first free one.
         assert wait_for(lambda: engine.free_slots == 2, 10)
-        victim_slot = next(
-            u.state.slot for u in engine._sessions[victim.id]._utterances if u.state is not None
-        )
+        victim_slot = next(u.slot for u in engine.table.sessions[victim.id].utterances if u.slot is not None)
         real_step = engine._dec.step
 
         def step(slots: list[int], frames: torch.Tensor) -> torch.Tensor:

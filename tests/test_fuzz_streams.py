@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from qwen3tts_rt.engine.text import has_speech
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
 from qwen3tts_rt.server.app import ServerThread
-from qwen3tts_rt.server.stream import has_speech
 from qwen3tts_rt.v1 import tts_pb2 as pb
 from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
 from tests import badinput
@@ -177,7 +177,7 @@ def configs(draw: st.DrawFn) -> pb.StreamConfig:
     elif broken == "speaker":
         cfg.speaker = "vivian"
     elif broken == "rate":
-        cfg.sample_rate_hz = draw(st.sampled_from([-1, 1, 11025, 96000, 2**31 - 1]))
+        cfg.sample_rate_hz = draw(st.sampled_from([-1, 1, 11000, 96000, 2**31 - 1]))
     elif broken == "encoding":
         cfg.encoding = draw(st.sampled_from([5, 99, -1]))  # type: ignore[assignment]
     elif broken == "packet":

@@ -4,6 +4,8 @@ RESOURCE_EXHAUSTED naming the setting, and the server serves on."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,17 +31,17 @@ def ckpt(tiny_loaded: Callable[..., Checkpoint]) -> Checkpoint:
 
 @pytest.fixture
 def held_clone(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Cloning blocks on the voice thread until ``release`` is set; ``started`` is set when
+    """Cloning blocks (off the event loop) until ``release`` is set; ``started`` is set when
     the first cloning has begun."""
     started, release = threading.Event(), threading.Event()
-    real = Runtime._clone_blocking
+    real = Runtime._clone
 
-    def held(self: Runtime, *a: Any, **kw: Any) -> Any:
+    async def held(self: Runtime, *a: Any, **kw: Any) -> Any:
         started.set()
-        release.wait(60)
-        return real(self, *a, **kw)
+        await asyncio.to_thread(release.wait, 60)
+        return await real(self, *a, **kw)
 
-    monkeypatch.setattr(Runtime, "_clone_blocking", held)
+    monkeypatch.setattr(Runtime, "_clone", held)
     yield started, release
     release.set()
 
@@ -137,7 +139,9 @@ def test_limits_have_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in flags.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
     cli.cmd_serve(cli.build_parser().parse_args(argv))
-    assert {name: getattr(seen[-1], name) for name in flags} == flags
+    engine_fields = {f.name for f in dataclasses.fields(seen[-1].engine)}
+    got = {n: getattr(seen[-1].engine if n in engine_fields else seen[-1], n) for n in flags}
+    assert got == flags
     with pytest.raises(SystemExit, match="max_voice_jobs"):
         cli.cmd_serve(cli.build_parser().parse_args([*argv, "--max-voice-jobs", "0"]))
 

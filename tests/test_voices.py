@@ -11,7 +11,7 @@ import pytest
 
 from qwen3tts_rt.api import Qwen3TTS
 from qwen3tts_rt.audio import write_wav
-from qwen3tts_rt.engine.voices import PromptCache, VoiceClonePrompt, create_voice_clone_prompt
+from qwen3tts_rt.engine.voices import VoiceClonePrompt, create_voice_clone_prompt
 from qwen3tts_rt.errors import AudioSampleRateError, MissingReferenceTextError, UnsupportedOperationError
 
 DATA = Path(__file__).parent / "reference" / "data"
@@ -74,18 +74,3 @@ def test_clone_rules(tts: Qwen3TTS, wav_bytes: bytes, ref_checkpoint_dirs: dict[
     custom = Qwen3TTS.from_pretrained(str(ref_checkpoint_dirs["tiny-custom"]))
     with pytest.raises(UnsupportedOperationError, match="Base"):
         create_voice_clone_prompt(custom.ckpt, wav_bytes, None, x_vector_only=True)
-
-
-def test_prompt_cache_computes_once_and_respects_its_byte_cap(tts: Qwen3TTS, wav_bytes: bytes) -> None:
-    cache = PromptCache()
-    a = cache.get_or_create(tts.ckpt, wav_bytes, "Hello there.", False)
-    b = cache.get_or_create(tts.ckpt, wav_bytes, "Hello there.", False)
-    assert a is b and cache.hits == 1 and cache.misses == 1
-    c = cache.get_or_create(tts.ckpt, wav_bytes, None, True)  # another mode: another entry
-    assert c is not a and len(cache) == 2
-    small = PromptCache(max_bytes=a.nbytes() + 1)
-    small.get_or_create(tts.ckpt, wav_bytes, "Hello there.", False)
-    small.get_or_create(tts.ckpt, wav_bytes, "Another transcript.", False)
-    assert len(small) == 1 and small.nbytes <= small.max_bytes
-    with pytest.raises(Exception, match="ref_audio"):
-        cache.get_or_create(tts.ckpt, b"/etc/passwd", None, True)  # bytes are never a path

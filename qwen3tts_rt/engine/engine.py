@@ -1,12 +1,15 @@
-"""The streaming engine: sessions fed text token by token, one device worker thread.
+"""The streaming engine: the device loop around the session table.
 
-``Engine`` owns the model and a single worker thread. Callers (gRPC handlers on an
-asyncio loop, CLIs, tests) talk to it only through ``Session`` methods, which enqueue
-commands and return at once, and through each session's output ``Channel``. The worker
-applies the commands, then runs one ``FrameGenerator.tick`` over every live utterance
-(one batched talker step + batched code-predictor steps), decodes the new frames in one
-batched step of the streaming decoder (each session's state lives in its slot of a
-``DecoderPool``), and emits PCM packets.
+``Engine`` owns the model and the one thread that touches the device. Callers (gRPC
+handlers on an asyncio loop, CLIs, tests) talk to it only through ``Session`` methods,
+which validate, enqueue a typed command and return at once, through each session's
+output ``Channel``, and through ``submit`` for other device work (voice cloning
+encoders, warm-up). Every loop iteration applies the queued commands to the
+``SessionTable`` (``engine/core.py``: all session and utterance rules, no tensors), runs
+at most one submitted job, then one ``FrameGenerator.tick`` over every runnable
+utterance (one batched talker step + batched code-predictor steps) and decodes the new
+frames in one batched step of the streaming decoder (each utterance's decoder state
+lives in its slot of a ``DecoderPool``).
 
 On CUDA the steps run the fast path by default (static KV cache, batch buckets, CUDA
 graphs captured by ``warmup()``): see ``EngineConfig`` and ``model/cuda_graphs.py``.
@@ -14,6 +17,7 @@ graphs captured by ``warmup()``): see ``EngineConfig`` and ``model/cuda_graphs.p
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -21,12 +25,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from qwen3tts_rt.engine import core
 from qwen3tts_rt.engine.channel import Channel
+from qwen3tts_rt.engine.core import SessionSpec, SessionTable, TableLimits, Utterance, UtteranceOptions
 from qwen3tts_rt.engine.generation import (
     FinishReason,
     FrameCap,
@@ -35,17 +41,20 @@ from qwen3tts_rt.engine.generation import (
     UtteranceState,
     run_isolated,
 )
-from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer
-from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
+from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer, merge_index
+from qwen3tts_rt.engine.messages import EngineMessage, SessionClosed, SessionError
 from qwen3tts_rt.engine.synth import new_utterance
-from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError, UnavailableError
+from qwen3tts_rt.errors import InvalidInputError, UnavailableError
 from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.model.cuda_graphs import DEFAULT_MAX_POSITIONS, FastPath
 from qwen3tts_rt.model.decoder_pool import DecoderPool
 from qwen3tts_rt.model.prompt import VoicePrompt, check_voice, resolve_language
 from qwen3tts_rt.model.sampling import SamplingParams
 
+__all__ = ["Engine", "EngineConfig", "Session", "UtteranceOptions"]
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,12 @@ class EngineConfig:
         default_factory=FrameCap
     )  # frames per utterance: base + per_token * text tokens
     idle_wait_s: float = 0.02  # worker wait when nothing can move
+    # Device jobs (``Engine.submit``: cloning encoders) run between ticks, one per tick, but
+    # not while a stream waits for its first packet, unless the job has waited this long.
+    max_job_wait_s: float = 0.5
+    # Tokens inside an unfinished word / CJK run go out as soon as their BPE boundary is
+    # proven final (engine/incremental_tokenizer.py); False: only whole pieces (for comparisons).
+    eager_tokenizer: bool = True
     # --- the fast path (model/cuda_graphs.py). None: on for CUDA, off on CPU.
     static_kv: bool | None = None  # preallocated KV caches, steps padded to batch buckets
     cuda_graphs: bool | None = None  # replay the bucketed steps as CUDA graphs (CUDA + static_kv only)
@@ -80,7 +95,20 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.attention not in ("auto", "sdpa", "flash"):
+            raise ValueError("EngineConfig.attention must be 'auto', 'sdpa' or 'flash'")
+        if any(b < 1 for b in self.batch_buckets):
+            raise ValueError("EngineConfig.batch_buckets must be positive")
         return self
+
+    @property
+    def limits(self) -> TableLimits:
+        return TableLimits(
+            max_sessions=self.max_sessions,
+            max_pending_utterances=self.max_pending_utterances,
+            max_utterance_chars=self.max_utterance_chars,
+            max_buffered_packets=self.max_buffered_packets,
+        )
 
     def fast_path(self, device: torch.device) -> FastPath:
         return FastPath.resolve(
@@ -93,82 +121,47 @@ class EngineConfig:
         )
 
 
-@dataclass
-class _Utterance:
-    uid: int
-    tokenizer: IncrementalTokenizer
-    seed: int | None
-    client_id: str = ""
-    state: UtteranceState | None = None
-    text_ended: bool = False
-    chars: int = 0
-    char_ends: list[int] = field(default_factory=list)  # end offset of each text token
-    first_delta_at: float | None = None
-    first_packet_at: float | None = None
-    compute_s: float = 0.0
-    frames: int = 0
-    samples: int = 0
-    pending: list[np.ndarray] = field(default_factory=list)
-    pending_codes: list[np.ndarray] = field(default_factory=list)
-    pending_from: int = 0
-    ids_before_start: list[int] = field(default_factory=list)  # text ids that arrived before a slot
-    # generation finished (EOS, or the max_new_tokens cap) before the text ended: the slot is
-    # free, later text of this utterance is not spoken, and its UtteranceDone waits for the
-    # end of its text (flush/end), so that it carries the flush's client id
-    ended_early: FinishReason | None = None
-
-
 class Session:
     """One client stream. Thread-safe; every method returns immediately."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        sid: int,
-        voice: VoicePrompt,
-        language: str,
-        params: SamplingParams,
-        seed: int | None,
-        first_packet_frames: int,
-        packet_frames: int,
-    ) -> None:
+    def __init__(self, engine: Engine, sid: int, spec: SessionSpec) -> None:
         self.engine = engine
         self.id = sid
-        self.voice = voice
-        self.language = language
-        self.params = params
-        self.seed = seed
-        self.first_packet_frames = first_packet_frames
-        self.packet_frames = packet_frames
+        self.spec = spec
         self.out: Channel[EngineMessage] = Channel()
         self.opened_at = time.perf_counter()
-        # worker-side state
-        self._utterances: list[_Utterance] = []
-        self._uids = itertools.count()
-        self._seq = 0
-        self._closed = False
-        self._close_when_done = False
 
-    # ------------------------------------------------------------------ client API
+    @property
+    def voice(self) -> VoicePrompt:
+        v: VoicePrompt = self.spec.voice
+        return v
 
     def push_text(self, delta: str) -> None:
-        self.engine._command(self, "text", delta)
+        """A text delta of the current utterance (raw: the engine cleans it)."""
+        self.engine._put(core.Text(self.id, delta, time.perf_counter()))
+
+    def begin(self, key: str = "", options: UtteranceOptions | None = None) -> None:
+        """Start a named utterance with its own settings (validated here: raises
+        ``InvalidInputError``); the current one is flushed first if it has text or a name."""
+        opts = self.engine.check_options(options or UtteranceOptions(), self.spec)
+        self.engine._put(core.Begin(self.id, key, opts))
+
+    def flush(self, client_id: str = "") -> None:
+        """End the current utterance; later text starts the next one."""
+        self.engine._put(core.Flush(self.id, client_id))
+
+    def cancel(self, key: str | None = None) -> None:
+        """Barge-in: stop speaking within one frame and drop queued audio; with ``key``,
+        only the utterances with that key."""
+        self.engine._put(core.Cancel(self.id, key))
 
     def end_text(self) -> None:
         """End of text: finish speaking, then the session closes."""
-        self.engine._command(self, "end", None)
-
-    def flush(self, client_id: str = "") -> None:
-        """End the current utterance; later text starts the next one (same voice)."""
-        self.engine._command(self, "flush", client_id)
-
-    def cancel(self) -> None:
-        """Barge-in: stop speaking within one frame and drop queued audio."""
-        self.engine._command(self, "cancel", None)
+        self.engine._put(core.End(self.id))
 
     def close(self) -> None:
         """Drop everything and free the slot (client went away). Safe to call twice."""
-        self.engine._command(self, "close", None)
+        self.engine._put(core.Close(self.id))
 
     def messages(self, timeout: float | None = None) -> Iterator[EngineMessage]:
         """Blocking iterator over output messages until the session closes."""
@@ -179,6 +172,46 @@ class Session:
                 return
 
 
+class _DeviceBackend:
+    """The table's device side: generation state in a generator slot, decoder state in
+    the same slot of the decoder pool."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start(self, u: Utterance) -> None:
+        e = self.engine
+        assert u.slot is not None
+        u.handle = new_utterance(
+            e.ckpt,
+            u.voice,
+            u.language,
+            u.params,
+            seed=u.seed,
+            slot=u.slot,
+            non_streaming_mode=u.non_streaming_mode,
+        )
+        e._dec.reset(u.slot)
+        if u.voice.ref_codes is not None:  # continue the audio of the reference
+            e._dec.prime(u.slot, u.voice.ref_codes)
+
+    def push(self, u: Utterance, ids: list[int]) -> None:
+        u.handle.sched.push(ids)
+
+    def end(self, u: Utterance) -> None:
+        st: UtteranceState = u.handle
+        st.sched.end()
+        st.max_frames = self.engine.config.frame_cap.frames(u.params, len(u.ids))
+
+    def release(self, u: Utterance) -> None:
+        if u.handle is not None:
+            u.handle.phase = Phase.DONE
+
+    def consumed(self, u: Utterance) -> int:
+        st: UtteranceState = u.handle
+        return st.sched.text_tokens_consumed(st.positions_consumed)
+
+
 class Engine:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None) -> None:
         self.ckpt = ckpt
@@ -187,13 +220,22 @@ class Engine:
         self._gen = FrameGenerator(ckpt.model, self.config.max_sessions, self.fast)
         codec = ckpt.codec
         self._dec = DecoderPool(codec.decoder, self.config.max_sessions, self.fast, codec.device, codec.dtype)
-        self._free_slots = list(range(self.config.max_sessions))
-        self._commands: queue.SimpleQueue[tuple[Session | None, str, Any]] = queue.SimpleQueue()
-        self._sessions: dict[int, Session] = {}
-        self._waiting: list[tuple[Session, _Utterance]] = []  # utterances without a slot yet
+        self.table = SessionTable(
+            self.config.limits,
+            _DeviceBackend(self),
+            lambda: IncrementalTokenizer(ckpt.tokenizer, eager=self.config.eager_tokenizer),
+            sample_rate=codec.sample_rate,
+        )
+        if self.config.eager_tokenizer:
+            merge_index(ckpt.tokenizer)  # built once now, not on the device thread at the first text
+        self._commands: queue.SimpleQueue[core.Command] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._job: tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None = None  # next to run
+        self._job_since = 0.0  # when it became the next job
+        self._wake = threading.Event()
         self._sids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._live = 0
         self._stop = threading.Event()
         # Observer called on the worker thread after each tick that moved: (batch size, seconds).
         self.on_tick: Callable[[int, float], None] | None = None
@@ -204,14 +246,28 @@ class Engine:
 
     @property
     def live_sessions(self) -> int:
-        with self._lock:
-            return self._live
+        return self.table.live
 
     @property
     def free_slots(self) -> int:
         """Generation slots not held by an utterance (``max_sessions`` when idle). Read from
         another thread it is a snapshot: the worker may take or free a slot meanwhile."""
-        return len(self._free_slots)
+        return len(self.table.free_slots)
+
+    def check_options(self, o: UtteranceOptions, spec: SessionSpec) -> UtteranceOptions:
+        """Validate per-utterance overrides against the checkpoint (raises InvalidInputError)."""
+        voice = o.voice if o.voice is not None else spec.voice
+        language = o.language if o.language is not None else spec.language
+        check_voice(self.ckpt.model, voice)
+        resolve_language(self.ckpt.model, language, voice.speaker)
+        params = o.params.validated() if o.params is not None else None
+        return UtteranceOptions(
+            voice=o.voice,
+            language=o.language,
+            params=params,
+            seed=o.seed,
+            non_streaming_mode=o.non_streaming_mode,
+        )
 
     def open_session(
         self,
@@ -222,6 +278,7 @@ class Engine:
         seed: int | None = None,
         first_packet_frames: int | None = None,
         packet_frames: int | None = None,
+        non_streaming_mode: bool = False,
     ) -> Session:
         """Validate the request and open a session; raises InvalidInputError on bad
         input and CapacityError when ``max_sessions`` sessions are live."""
@@ -233,335 +290,131 @@ class Engine:
         for name, v in (("first_packet_frames", fp), ("packet_frames", pf)):
             if not 1 <= v <= 100:
                 raise InvalidInputError(f"{v} is out of range: 1 <= {name} <= 100", field=name)
-        if self._stop.is_set() or not self._thread.is_alive():
-            raise UnavailableError("the engine has stopped; see the server log")
-        with self._lock:
-            if self._live >= self.config.max_sessions:
-                raise CapacityError(
-                    f"server at its limit of {self.config.max_sessions} live sessions (max_sessions); retry later"
-                )
-            self._live += 1
-        s = Session(self, next(self._sids), voice, language, params, seed, fp, pf)
-        self._commands.put((s, "open", None))
+        self._check_running()
+        self.table.reserve()
+        spec = SessionSpec(voice, language, params, seed, fp, pf, non_streaming_mode)
+        s = Session(self, next(self._sids), spec)
+        self._put(core.Open(s.id, spec, s.out))
         return s
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the device thread, between two ticks (one job per tick, so that
+        streams keep moving while jobs queue, and none while a stream waits for its first
+        packet: see ``max_job_wait_s``); its result or exception in the future."""
+        self._check_running()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        self._wake.set()
+        return fut
 
     def warmup(self, timeout: float | None = None) -> None:
         """Capture the CUDA graphs of every batch bucket (talker step, code predictor,
         decoder) on the device thread; blocks until done. Call it before reporting SERVING:
         a bucket first met without it is captured then, stalling that tick. Nothing to do
         on the eager paths (CPU). Safe to call twice."""
-        done = threading.Event()
-        failed: list[BaseException] = []
 
         def capture() -> None:
-            try:
-                self._gen.warmup()
-                self._dec.warmup()
-            except BaseException as e:  # handed to the caller
-                failed.append(e)
-            finally:
-                done.set()
+            self._gen.warmup()
+            self._dec.warmup()
 
-        self._commands.put((None, "call", capture))
+        fut = self.submit(capture)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not done.wait(0.1):
-            if self._stop.is_set() or not self._thread.is_alive():
-                raise RuntimeError("the engine stopped before its warm-up finished")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"warm-up took more than {timeout} s")
-        if failed:
-            raise failed[0]
+        while True:
+            try:
+                fut.result(0.1)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._stop.is_set() or not self._thread.is_alive():
+                    raise RuntimeError("the engine stopped before its warm-up finished") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"warm-up took more than {timeout} s") from None
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the worker; sessions still open get a SessionError. Safe to call twice."""
         if self._stop.is_set():
             return
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker side
 
-    def _command(self, s: Session, op: str, arg: Any) -> None:
-        self._commands.put((s, op, arg))
+    def _check_running(self) -> None:
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise UnavailableError("the engine has stopped; see the server log")
+
+    def _put(self, cmd: core.Command) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         try:
             while not self._stop.is_set():
-                busy = self._tick()
-                self._drain(block=not busy)
+                self._drain()
+                self._run_one_job()
+                if not self._tick():
+                    self._wake.wait(self.config.idle_wait_s)
+                    self._wake.clear()
         except Exception:  # pragma: no cover - a bug in the worker itself
             log.exception("device worker crashed")
-            for s in list(self._sessions.values()):
-                s.out.put(SessionError("the device worker stopped; see the server log"))
+            self.table.shutdown("the device worker stopped; see the server log", kind="internal")
         finally:
-            for s in list(self._sessions.values()):
-                s.out.put(SessionError("server shutting down", kind="unavailable"))
+            self.table.shutdown("server shutting down")
+            while True:
+                try:
+                    _, fut = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                fut.set_exception(UnavailableError("the engine has stopped"))
+            if self._job is not None:
+                self._job[1].set_exception(UnavailableError("the engine has stopped"))
+                self._job = None
 
-    def _drain(self, block: bool) -> None:
-        try:
-            item = (
-                self._commands.get(timeout=self.config.idle_wait_s) if block else self._commands.get_nowait()
-            )
-        except queue.Empty:
-            return
+    def _drain(self) -> None:
         while True:
-            self._apply(*item)
             try:
-                item = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            self.table.apply(cmd)
 
-    def _apply(self, s: Session | None, op: str, arg: Any) -> None:
-        if s is None:  # work for the device thread itself
-            if op == "call":
-                arg()
+    def _run_one_job(self) -> None:
+        """Run the next submitted job, unless a stream waits for its first packet (then the
+        job waits, at most ``max_job_wait_s``): first audio never queues behind clonings."""
+        if self._job is None:
+            try:
+                self._job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._job_since = time.monotonic()
+        waited = time.monotonic() - self._job_since
+        if waited < self.config.max_job_wait_s and self.table.first_packet_pending():
             return
-        if s._closed:
+        (fn, fut), self._job = self._job, None
+        if not fut.set_running_or_notify_cancel():
             return
         try:
-            if op == "open":
-                self._sessions[s.id] = s
-                self._new_utterance(s)
-            elif op == "text":
-                self._push_text(s, arg)
-            elif op == "flush":
-                self._end_current_text(s, client_id=arg)
-                self._new_utterance(s)
-            elif op == "end":
-                self._end_current_text(s)
-                s._close_when_done = True
-                self._maybe_close(s)
-            elif op == "cancel":
-                self._cancel(s)
-                self._new_utterance(s)
-            elif op == "close":
-                self._cancel(s, emit=False)
-                self._close(s)
-        except (InvalidInputError, CapacityError) as e:
-            self._fail(s, str(e), kind="invalid" if isinstance(e, InvalidInputError) else "capacity")
-        except Exception as e:  # a bug met by one session's command ends that session only
-            log.exception("session %d: command %r failed", s.id, op)
-            self._fail(s, f"{op} failed: {type(e).__name__}: {e}")
-
-    def _fail(self, s: Session, message: str, kind: str = "internal") -> None:
-        """End session ``s`` with a ``SessionError``; its slot is freed, others go on."""
-        s.out.put(SessionError(message, kind=kind))
-        self._cancel(s, emit=False)
-        self._close(s, send_closed=False)
-
-    # --- utterance bookkeeping
-
-    def _new_utterance(self, s: Session) -> _Utterance:
-        limit = self.config.max_pending_utterances
-        if len(s._utterances) >= limit:
-            raise CapacityError(
-                f"{limit} utterances are already queued on this stream (max_pending_utterances); "
-                "wait for their utterance_done before flushing more"
-            )
-        k = next(s._uids)
-        seed = None if s.seed is None else s.seed + k
-        u = _Utterance(uid=k, tokenizer=IncrementalTokenizer(self.ckpt.tokenizer), seed=seed)
-        s._utterances.append(u)
-        if len(s._utterances) == 1:
-            self._start(s, u)
-        return u
-
-    def _start(self, s: Session, u: _Utterance) -> None:
-        if not self._free_slots:
-            self._waiting.append((s, u))
-            return
-        slot = self._free_slots.pop(0)
-        u.state = new_utterance(self.ckpt, s.voice, s.language, s.params, seed=u.seed, slot=slot)
-        self._dec.reset(slot)
-        if s.voice.ref_codes is not None:  # continue the audio of the reference
-            self._dec.prime(slot, s.voice.ref_codes)
-        u.state.sched.push(u.ids_before_start)  # text that arrived while it waited for a slot
-        u.ids_before_start = []
-        if u.text_ended:
-            u.state.sched.end()
-            u.state.max_frames = self.config.frame_cap.frames(s.params, len(u.char_ends))
-
-    def _feed(self, u: _Utterance, ids: list[int]) -> None:
-        u.char_ends.extend(u.tokenizer.char_ends[len(u.char_ends) : len(u.char_ends) + len(ids)])
-        if u.state is not None:
-            u.state.sched.push(ids)
-        else:
-            u.ids_before_start.extend(ids)
-
-    def _push_text(self, s: Session, delta: str) -> None:
-        u = s._utterances[-1]
-        if u.text_ended:
-            u = self._new_utterance(s)
-        if u.ended_early is not None:
-            return  # its generation has finished: the rest of its text is not spoken
-        if u.chars + len(delta) > self.config.max_utterance_chars:
-            raise TextTooLongError(
-                f"utterance text exceeds {self.config.max_utterance_chars} characters "
-                "(max_utterance_chars); flush between sentences",
-                field="text",
-            )
-        if u.first_delta_at is None:
-            u.first_delta_at = time.perf_counter()
-        u.chars += len(delta)
-        self._feed(u, u.tokenizer.push(delta))
-
-    def _end_current_text(self, s: Session, client_id: str = "") -> None:
-        u = s._utterances[-1]
-        if u.text_ended:
-            return
-        if u.ended_early is not None:
-            u.text_ended = True
-            u.client_id = client_id
-            self._finish(s, u, u.ended_early)
-            return
-        self._feed(u, u.tokenizer.end())
-        u.text_ended = True
-        u.client_id = client_id
-        if not u.char_ends:  # nothing to say: finish without audio
-            self._finish(s, u, FinishReason.EOS)
-            return
-        if u.state is not None:
-            u.state.sched.end()
-            u.state.max_frames = self.config.frame_cap.frames(s.params, len(u.char_ends))
-
-    def _cancel(self, s: Session, emit: bool = True) -> None:
-        for u in list(s._utterances):
-            self._finish(s, u, FinishReason.CANCELLED, emit=emit)
-        s._utterances.clear()
-        s.out.drop(lambda m: isinstance(m, PcmPacket))
-
-    def _finish(self, s: Session, u: _Utterance, reason: FinishReason, emit: bool = True) -> None:
-        if reason is not FinishReason.CANCELLED and not u.text_ended and u.ended_early is None:
-            self._flush_packet(s, u)  # generation ended before the text: free the slot now
-            if u.state is not None:
-                self._free_slots.append(u.state.slot)
-                u.state.phase = Phase.DONE
-                u.state = None
-                self._admit_waiting()
-            u.ended_early = reason
-            return
-        if reason is not FinishReason.CANCELLED:
-            self._flush_packet(s, u)
-        if u.state is not None:
-            self._free_slots.append(u.state.slot)
-            u.state.phase = Phase.DONE
-            u.state = None
-            self._admit_waiting()
-        else:
-            self._waiting = [(ws, wu) for ws, wu in self._waiting if wu is not u]
-        if u in s._utterances:
-            s._utterances.remove(u)
-        if reason is FinishReason.CAP:
-            log.warning(
-                "session %d utterance %d hit the frame cap (%d frames): no EOS", s.id, u.uid, u.frames
-            )
-        if emit and (u.frames or u.chars or u.client_id):  # an utterance with no text stays silent
-            audio_s = u.samples / self.ckpt.codec.sample_rate
-            latency = None
-            if u.first_packet_at is not None and u.first_delta_at is not None:
-                latency = u.first_packet_at - u.first_delta_at
-            s.out.put(
-                UtteranceDone(
-                    utterance_id=u.uid,
-                    reason=reason.value,
-                    frames=u.frames,
-                    audio_seconds=audio_s,
-                    first_packet_latency_s=latency,
-                    rtf=(u.compute_s / audio_s) if audio_s > 0 else None,
-                    client_id=u.client_id,
-                    timings={"compute_s": u.compute_s},
-                )
-            )
-        head = s._utterances[0] if s._utterances else None
-        if (
-            head is not None
-            and head.state is None
-            and head.ended_early is None
-            and (s, head) not in self._waiting
-        ):
-            self._start(s, head)
-        self._maybe_close(s)
-
-    def _admit_waiting(self) -> None:
-        while self._free_slots and self._waiting:
-            ws, wu = self._waiting.pop(0)
-            self._start(ws, wu)
-
-    def _maybe_close(self, s: Session) -> None:
-        if s._close_when_done and not s._utterances:
-            self._close(s)
-
-    def _close(self, s: Session, send_closed: bool = True) -> None:
-        if s._closed:
-            return
-        s._closed = True
-        self._sessions.pop(s.id, None)
-        with self._lock:
-            self._live -= 1
-        if send_closed:
-            s.out.put(SessionClosed())
-
-    # --- packets
-
-    def _emit_frame_audio(self, s: Session, u: _Utterance, pcm: np.ndarray, frame: np.ndarray) -> None:
-        u.pending.append(pcm)
-        u.pending_codes.append(frame)
-        u.frames += 1
-        want = s.first_packet_frames if u.first_packet_at is None else s.packet_frames
-        if len(u.pending) >= want:
-            self._flush_packet(s, u)
-
-    def _flush_packet(self, s: Session, u: _Utterance) -> None:
-        if not u.pending:
-            return
-        pcm = np.concatenate(u.pending)
-        now = time.perf_counter()
-        consumed_tokens = 0
-        if u.state is not None:
-            consumed_tokens = u.state.sched.text_tokens_consumed(u.state.positions_consumed)
-        chars = u.char_ends[consumed_tokens - 1] if consumed_tokens else 0
-        s.out.put(
-            PcmPacket(
-                utterance_id=u.uid,
-                seq=s._seq,
-                sample_offset=u.samples,
-                frame_start=u.pending_from,
-                frame_end=u.pending_from + len(u.pending),
-                pcm=pcm,
-                codes=np.stack(u.pending_codes),
-                chars_consumed=chars,
-                emitted_at=now,
-            )
-        )
-        if u.first_packet_at is None:
-            u.first_packet_at = now
-        s._seq += 1
-        u.samples += len(pcm)
-        u.pending_from += len(u.pending)
-        u.pending = []
-        u.pending_codes = []
+            fut.set_result(fn())
+        except BaseException as e:  # handed to the caller
+            fut.set_exception(e)
 
     def _tick(self) -> bool:
-        """One generation tick over every live utterance; True if anything moved."""
-        live: list[tuple[Session, _Utterance]] = []
-        backlog = self.config.max_buffered_packets
-        for s in self._sessions.values():
-            if s._utterances and s._utterances[0].state is not None and len(s.out) < backlog:
-                live.append((s, s._utterances[0]))
+        """One generation tick over every runnable utterance; True if anything moved."""
+        live = self.table.runnable()
         if not live:
-            return False
-        states = [u.state for _, u in live]
-        phases = [st.phase for st in states]  # type: ignore[union-attr]
+            return self._job is not None or not self._jobs.empty()
+        states: list[UtteranceState] = [u.handle for u in live]
+        phases = [st.phase for st in states]
         t0 = time.perf_counter()
         try:
-            produced = self._gen.tick(states)  # type: ignore[arg-type]
+            produced = self._gen.tick(states)
         except Exception as e:
             log.exception("generation step failed")
-            for s, _ in live:
-                self._fail(s, f"generation failed: {type(e).__name__}: {e}")
+            for u in live:
+                self.table.fail(u.sid, f"generation failed: {type(e).__name__}: {e}")
             return True
-        by_state = {id(u.state): (s, u) for s, u in live}
+        by_state = {id(u.handle): u for u in live}
         failed: dict[int, str] = {}  # session id -> message: faults of one session end only it
 
         def decode(rows: list[tuple[UtteranceState, torch.Tensor]]) -> list[np.ndarray]:
@@ -570,29 +423,27 @@ class Engine:
 
         def decode_failed(row: tuple[UtteranceState, torch.Tensor], e: Exception) -> None:
             log.error("decoding a frame of slot %d failed", row[0].slot, exc_info=e)
-            failed[by_state[id(row[0])][0].id] = f"decoding failed: {type(e).__name__}: {e}"
+            failed[by_state[id(row[0])].sid] = f"decoding failed: {type(e).__name__}: {e}"
 
         for (st, frame), pcm in run_isolated(produced, decode, decode_failed):
-            s, u = by_state[id(st)]
+            u = by_state[id(st)]
             try:
-                self._emit_frame_audio(s, u, pcm, frame.numpy().astype(np.int64))
+                self.table.on_frame(u, pcm, frame.numpy().astype(np.int64))
             except Exception as e:
-                log.exception("emitting audio of session %d failed", s.id)
-                failed[s.id] = f"emitting audio failed: {type(e).__name__}: {e}"
+                log.exception("emitting audio of session %d failed", u.sid)
+                failed[u.sid] = f"emitting audio failed: {type(e).__name__}: {e}"
         elapsed = time.perf_counter() - t0
-        moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))  # type: ignore[union-attr]
+        moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))
         if moved:
-            for _, u in live:
+            for u in live:
                 u.compute_s += elapsed / len(live)
             if self.on_tick is not None:
                 self.on_tick(len(live), elapsed)
-        for s, u in live:
-            done = u.state
-            if done is not None and done.finish is FinishReason.ERROR:
-                err = done.error
-                failed.setdefault(s.id, f"generation failed: {type(err).__name__}: {err}")
-            if s.id in failed:
-                self._fail(s, failed[s.id])
-            elif done is not None and done.phase is Phase.DONE and done.finish is not None:
-                self._finish(s, u, done.finish)
+        for u, st in zip(live, states):
+            if st.finish is FinishReason.ERROR:
+                failed.setdefault(u.sid, f"generation failed: {type(st.error).__name__}: {st.error}")
+            if u.sid in failed:
+                self.table.fail(u.sid, failed.pop(u.sid))
+            elif st.phase is Phase.DONE and st.finish is not None and u.handle is st:
+                self.table.on_finished(u, st.finish.value)
         return moved

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen3tts_rt.audio import ReferenceAudioRules, load_reference_audio
+from qwen3tts_rt.audio import ReferenceAudio, ReferenceAudioRules, load_reference_audio
 from qwen3tts_rt.errors import (
     CheckpointError,
     InvalidInputError,
@@ -102,25 +102,15 @@ class VoiceClonePrompt:
         )
 
 
-@torch.inference_mode()
-def create_voice_clone_prompt(
-    ckpt: Checkpoint,
-    ref_audio: Any,
-    ref_text: str | None = None,
-    *,
-    x_vector_only: bool = False,
-    sample_rate: int | None = None,
-    rules: ReferenceAudioRules | None = None,
-    allow_paths: bool = True,
-) -> VoiceClonePrompt:
-    """Reference audio (path, bytes, base64 or numpy + ``sample_rate``) -> reusable prompt.
-    Servers pass ``allow_paths=False`` so that a client string is never read as a file name."""
+def check_clone_request(
+    ckpt: Checkpoint, ref_text: str | None, x_vector_only: bool, rules: ReferenceAudioRules
+) -> None:
+    """The rules a clone request must meet before any audio is decoded."""
     if ckpt.config.tts_model_type != "base" or ckpt.model.speaker_encoder is None:
         raise UnsupportedOperationError(
             f"voice cloning needs a Base checkpoint; this one is '{ckpt.config.tts_model_type}'",
             field="ref_audio",
         )
-    rules = rules or ReferenceAudioRules()
     if ref_text and len(ref_text) > rules.max_ref_text_chars:
         raise InvalidInputError(
             f"has {len(ref_text)} characters; at most {rules.max_ref_text_chars} (max_ref_text_chars): "
@@ -132,7 +122,20 @@ def create_voice_clone_prompt(
             "ICL voice cloning needs the transcript of the reference audio; "
             "give ref_text, or use x-vector-only mode (speaker embedding only)"
         )
-    audio = load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=allow_paths)
+
+
+@torch.inference_mode()
+def encode_clone_prompt(
+    ckpt: Checkpoint,
+    audio: ReferenceAudio,
+    ref_text: str | None,
+    *,
+    x_vector_only: bool,
+) -> VoiceClonePrompt:
+    """The device half of cloning: decoded, validated 24 kHz reference audio -> prompt
+    (speaker encoder, and for ICL the codec encoder). A server runs it on the engine's
+    device thread (``Engine.submit``)."""
+    assert ckpt.model.speaker_encoder is not None  # check_clone_request
     emb = extract_speaker_embedding(
         ckpt.model.speaker_encoder, audio.wav, ckpt.model.device, ckpt.model.dtype
     )
@@ -148,6 +151,24 @@ def create_voice_clone_prompt(
         model_fingerprint=model_fingerprint(ckpt),
         notes=tuple(audio.notes),
     )
+
+
+def create_voice_clone_prompt(
+    ckpt: Checkpoint,
+    ref_audio: Any,
+    ref_text: str | None = None,
+    *,
+    x_vector_only: bool = False,
+    sample_rate: int | None = None,
+    rules: ReferenceAudioRules | None = None,
+    allow_paths: bool = True,
+) -> VoiceClonePrompt:
+    """Reference audio (path, bytes, base64 or numpy + ``sample_rate``) -> reusable prompt.
+    Servers pass ``allow_paths=False`` so that a client string is never read as a file name."""
+    rules = rules or ReferenceAudioRules()
+    check_clone_request(ckpt, ref_text, x_vector_only, rules)
+    audio = load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=allow_paths)
+    return encode_clone_prompt(ckpt, audio, ref_text, x_vector_only=x_vector_only)
 
 
 def voice_prompt(
@@ -170,80 +191,3 @@ def voice_prompt(
             instruct_ids=instruct_ids,
         )
     return VoicePrompt(speaker=speaker, instruct_ids=instruct_ids)
-
-
-def clone_request_key(ref_audio: bytes, ref_text: str | None, x_vector_only: bool) -> str:
-    """Content hash of a clone request: the same audio, transcript and mode give the same
-    prompt, so it is computed once."""
-    h = hashlib.sha256()
-    h.update(hashlib.sha256(ref_audio).digest())
-    h.update(b"\x00" + ("" if x_vector_only else (ref_text or "")).encode())
-    h.update(b"x" if x_vector_only else b"i")
-    return h.hexdigest()
-
-
-class PromptCache:
-    """In-memory LRU of computed clone prompts keyed by request content hash, bounded in
-    bytes. Thread-safe; a prompt is computed outside the lock, so two identical
-    concurrent requests may both compute it once (the result is the same)."""
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        import collections
-        import threading
-
-        self.max_bytes = max_bytes
-        self._items: collections.OrderedDict[str, VoiceClonePrompt] = collections.OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def get(self, key: str) -> VoiceClonePrompt | None:
-        with self._lock:
-            p = self._items.get(key)
-            if p is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return p
-
-    def put(self, key: str, prompt: VoiceClonePrompt) -> None:
-        size = prompt.nbytes()
-        with self._lock:
-            if key in self._items or size > self.max_bytes:
-                return
-            self._items[key] = prompt
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes()
-
-    def get_or_create(
-        self,
-        ckpt: Checkpoint,
-        ref_audio: bytes,
-        ref_text: str | None,
-        x_vector_only: bool,
-        rules: ReferenceAudioRules | None = None,
-    ) -> VoiceClonePrompt:
-        """The prompt for these bytes, computed at most once while it stays cached.
-        Client bytes are never read as a file name."""
-        key = clone_request_key(ref_audio, ref_text, x_vector_only)
-        hit = self.get(key)
-        if hit is not None:
-            return hit
-        prompt = create_voice_clone_prompt(
-            ckpt, ref_audio, ref_text, x_vector_only=x_vector_only, rules=rules, allow_paths=False
-        )
-        self.put(key, prompt)
-        return prompt

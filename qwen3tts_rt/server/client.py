@@ -68,23 +68,28 @@ def say(
     tokens_per_second: float = 20.0,
     metadata: list[tuple[str, str]] | None = None,
     timeout: float | None = None,
+    more: list[tuple[pb.UtteranceOptions, str]] | None = None,
 ) -> SayResult:
-    """Stream ``text`` token by token on one StreamSynthesize call; PCM_S16LE output."""
+    """Stream ``text`` token by token on one StreamSynthesize call; PCM_S16LE output.
+    ``more``: further utterances on the same stream, each with its own options (voice,
+    language, ...); they are named ``u1``, ``u2``, ... (the first one ``u0``)."""
     config = pb.StreamConfig.FromString(config.SerializeToString())
     config.encoding = pb.PCM_S16LE
     rate = config.sample_rate_hz or 24000
-    tokens = llm_tokens(text)
+    parts = [(pb.UtteranceOptions(), text), *(more or [])]
     interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
     first_sent: list[float] = []
 
     def requests() -> Iterator[pb.StreamRequest]:
         yield pb.StreamRequest(config=config)
-        for i, tok in enumerate(tokens):
-            if i and interval:
-                time.sleep(interval)
-            if not first_sent:
-                first_sent.append(time.perf_counter())
-            yield pb.StreamRequest(text=tok)
+        for k, (options, part) in enumerate(parts):
+            yield pb.StreamRequest(begin=pb.BeginUtterance(key=f"u{k}", options=options))
+            for i, tok in enumerate(llm_tokens(part)):
+                if (i or k) and interval:
+                    time.sleep(interval)
+                if not first_sent:
+                    first_sent.append(time.perf_counter())
+                yield pb.StreamRequest(text=tok)
 
     started = time.perf_counter()
     chunks: list[bytes] = []
@@ -121,7 +126,7 @@ def format_say(result: SayResult, out: str) -> str:
     ]
     for d in result.utterances:
         lines.append(
-            f"utterance {d.utterance_id}: {REASON_NAMES.get(d.reason, '?')}, {d.frames} frames, "
+            f"utterance {d.utterance_id} ({d.key or 'no key'}): {REASON_NAMES.get(d.reason, '?')}, {d.frames} frames, "
             f"{d.audio_seconds:.2f} s; server first-packet latency {d.first_packet_latency_ms:.0f} ms, "
             f"RTF {d.real_time_factor:.3f}"
         )

@@ -1,8 +1,13 @@
 """What the servicers share: the loaded checkpoint, the engine, the voice store, and the
 mapping from request fields to engine inputs (voices, sampling, output format).
 
-Tensor work never runs on the asyncio loop: generation runs on the engine's device
-thread, and voice cloning (speaker encoder + codec encoder) on one voice thread.
+Nothing blocking runs on the asyncio loop, and nothing waits behind unrelated work:
+
+* every device call (generation, the speaker and codec encoders of voice cloning, warm-up)
+  runs on the engine's device thread (``Engine.submit`` for the encoders, between ticks);
+* decoding and validating reference audio runs on a CPU pool (``clone_workers`` threads);
+* voice-store reads and writes run on their own I/O pool, so a stream whose voice is
+  stored never waits behind clonings.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import torch
 
 from qwen3tts_rt import metrics
 from qwen3tts_rt.audio import SUPPORTED_OUTPUT_RATES, PcmEncoding, load_reference_audio
-from qwen3tts_rt.engine.engine import Engine, EngineConfig, Session
+from qwen3tts_rt.engine.engine import Engine, Session, UtteranceOptions
 from qwen3tts_rt.engine.messages import SessionClosed, SessionError
 from qwen3tts_rt.engine.voices import (
     VoiceClonePrompt,
-    create_voice_clone_prompt,
+    check_clone_request,
+    encode_clone_prompt,
     model_fingerprint,
     voice_prompt,
 )
@@ -36,12 +42,13 @@ from qwen3tts_rt.errors import (
     UnknownVoiceError,
 )
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
-from qwen3tts_rt.model.prompt import VoicePrompt
+from qwen3tts_rt.model.prompt import VoicePrompt, default_non_streaming_mode
 from qwen3tts_rt.model.sampling import SamplingParams
 from qwen3tts_rt.server.config import ServerConfig
 from qwen3tts_rt.server.errors import UnavailableError, with_field_prefix
 from qwen3tts_rt.server.ref_fetch import FetchLimits, RefAudioFetcher, RefAudioUrlError
 from qwen3tts_rt.server.voice_store import VoiceRecord, VoiceStore, is_valid_voice_id, request_hash
+from qwen3tts_rt.synthetic import synthetic_speech
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -96,7 +103,13 @@ class Runtime:
         self.ready = False
         self.draining = False
         self.model_id = config.model
-        self._voice_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen3tts-voices")
+        # reference audio decoding (CPU) and voice-store I/O: separate pools (module docstring)
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(
+            config.clone_workers, thread_name_prefix="qwen3tts-clone"
+        )
+        self._io_pool = concurrent.futures.ThreadPoolExecutor(
+            config.io_workers, thread_name_prefix="qwen3tts-voice-io"
+        )
         self._voice_jobs = 0  # clonings queued or running (changed on the event loop only)
         self._fetcher = RefAudioFetcher(  # ref_audio_url downloads (used where allowed)
             FetchLimits(
@@ -120,26 +133,12 @@ class Runtime:
             t0 = time.perf_counter()
             self.ckpt = load_checkpoint(cfg.model, device=cfg.device, dtype=cfg.dtype)
             log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
-        self.engine = Engine(
-            self.ckpt,
-            EngineConfig(
-                max_sessions=cfg.max_sessions,
-                first_packet_frames=cfg.first_packet_frames,
-                packet_frames=cfg.packet_frames,
-                max_utterance_chars=cfg.max_utterance_chars,
-                max_buffered_packets=cfg.max_buffered_packets,
-                max_pending_utterances=cfg.max_pending_utterances,
-            ),
-        )
-        if hasattr(self.engine, "on_tick"):
-            self.engine.on_tick = metrics.observe_tick
+        self.engine = Engine(self.ckpt, cfg.engine)
+        self.engine.on_tick = metrics.observe_tick
         metrics.track_engine(self.engine)
-        self.store = VoiceStore(
-            cfg.voices_dir,
-            model_fingerprint(self.ckpt),
-            max_voices=cfg.max_voices,
-            cache_bytes=cfg.voice_cache_bytes,
-        )
+        from qwen3tts_rt.server.voice_store import open_voice_store  # directory or Redis, per cfg
+
+        self.store = open_voice_store(cfg, model_fingerprint(self.ckpt))
         if cfg.warmup:
             t0 = time.perf_counter()
             self._warmup()
@@ -147,12 +146,15 @@ class Runtime:
         self.ready = True
 
     def shutdown(self) -> None:
-        """Stop the engine and the voice thread. Safe to call twice."""
+        """Stop the engine and the worker pools. Safe to call twice."""
         self.ready = False
         if self.engine is not None:
             self.engine.shutdown()
             metrics.untrack_engine(self.engine)
-        self._voice_pool.shutdown(wait=False, cancel_futures=True)
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
 
     def _warmup(self) -> None:
         """Capture the CUDA graphs of every batch bucket (nothing to do on CPU), then speak
@@ -161,11 +163,10 @@ class Runtime:
         engine.warmup(timeout=600)
         kind = ckpt.config.tts_model_type
         if kind == "base":
-            t = np.arange(int(1.5 * 24000)) / 24000
-            wav = 0.2 * np.sum([np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 5)], axis=0)
-            wav = wav.astype(np.float32)
-            clone = create_voice_clone_prompt(ckpt, wav, "Warm up.", sample_rate=24000, allow_paths=False)
-            voice = voice_prompt(ckpt, clone=clone)
+            wav = synthetic_speech(1.5)
+            audio = load_reference_audio(wav, sample_rate=24000, allow_paths=False)
+            clone = engine.submit(lambda: encode_clone_prompt(ckpt, audio, "Warm up.", x_vector_only=False))
+            voice = voice_prompt(ckpt, clone=clone.result(timeout=600))
         elif kind == "custom_voice":
             voice = voice_prompt(ckpt, speaker=ckpt.config.speakers[0])
         else:
@@ -204,26 +205,31 @@ class Runtime:
             raise UnavailableError("the model is still loading")
         return self.store
 
-    async def in_voice_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
+    async def in_io_thread(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Voice-store work, on the I/O pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._voice_pool, lambda: fn(*args, **kw))
+        return await loop.run_in_executor(self._io_pool, lambda: fn(*args, **kw))
+
+    async def on_device(self, fn: Any) -> Any:
+        """Device work, on the engine's device thread between ticks."""
+        return await asyncio.wrap_future(self.require_engine().submit(fn))
 
     # ------------------------------------------------------------------ voices
 
-    def _clone_blocking(
+    async def _clone(
         self, ref_audio: Any, ref_text: str, x_vector_only: bool, sample_rate: int | None
     ) -> ClonedVoice:
+        """Validate, decode on the CPU pool, encode on the device thread."""
         ckpt = self.checkpoint
         rules = self.config.ref_audio
-        audio = load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=False)
-        prompt = create_voice_clone_prompt(
-            ckpt,
-            audio.wav,
-            ref_text or None,
-            x_vector_only=x_vector_only,
-            sample_rate=audio.sample_rate,
-            rules=rules,
-            allow_paths=False,
+        loop = asyncio.get_running_loop()
+        audio = await loop.run_in_executor(
+            self._cpu_pool,
+            lambda: load_reference_audio(ref_audio, sample_rate=sample_rate, rules=rules, allow_paths=False),
+        )
+        check_clone_request(ckpt, ref_text or None, x_vector_only, rules)
+        prompt: VoiceClonePrompt = await self.on_device(
+            lambda: encode_clone_prompt(ckpt, audio, ref_text or None, x_vector_only=x_vector_only)
         )
         notes = list(audio.notes) + list(audio.warnings)
         return ClonedVoice(dataclasses.replace(prompt, notes=tuple(notes)), audio.duration_s, notes)
@@ -253,7 +259,7 @@ class Runtime:
         audio_field: str = "ref_audio",
     ) -> ClonedVoice:
         """Reference audio (bytes, samples, or downloaded from ``ref_audio_url``) -> clone
-        prompt, on the voice thread. Audio rule errors name ``audio_field`` (the URL field
+        prompt (CPU pool, then the device thread). Audio rule errors name ``audio_field`` (the URL field
         when the audio came from one)."""
         if ref_audio_url:
             assert isinstance(ref_audio, bytes)
@@ -270,9 +276,7 @@ class Runtime:
             )
         self._voice_jobs += 1
         try:
-            result: ClonedVoice = await self.in_voice_thread(
-                self._clone_blocking, ref_audio, ref_text, x_vector_only, sample_rate
-            )
+            result = await self._clone(ref_audio, ref_text, x_vector_only, sample_rate)
         except ReferenceAudioError as e:
             if e.field == "ref_audio":
                 e.field = audio_field
@@ -301,11 +305,11 @@ class Runtime:
             ref_audio = await self.fetch_ref_audio(ref_audio, ref_audio_url)
             audio_field = "ref_audio_url"
         key = request_hash(ref_audio, ref_text, x_vector_only, display_name)
-        existing = store.find_by_request(key)
+        existing = await self.in_io_thread(store.find_by_request, key)
         if existing is not None:  # computed once: the same request returns the same voice
             return existing
         cloned = await self.clone(ref_audio, ref_text, x_vector_only, audio_field=audio_field)
-        rec: VoiceRecord = await self.in_voice_thread(
+        rec: VoiceRecord = await self.in_io_thread(
             store.create,
             cloned.prompt,
             display_name=display_name,
@@ -320,7 +324,7 @@ class Runtime:
         if not is_valid_voice_id(voice_id):
             raise UnknownVoiceError(f"unknown voice id '{voice_id[:80]}'; see ListVoices", field=field)
         try:
-            prompt: VoiceClonePrompt = await self.in_voice_thread(store.prompt, voice_id)
+            prompt: VoiceClonePrompt = await self.in_io_thread(store.prompt, voice_id)
         except NotFoundError:
             raise UnknownVoiceError(
                 f"unknown voice id '{voice_id[:80]}'; see ListVoices", field=field
@@ -355,7 +359,7 @@ class Runtime:
     async def named_voice(self, name: str, *, field: str, instruct: str | None = None) -> VoicePrompt:
         """A voice id of the store, or a built-in speaker."""
         ckpt = self.checkpoint
-        if is_valid_voice_id(name) and self.require_store().has(name):
+        if is_valid_voice_id(name) and await self.in_io_thread(self.require_store().has, name):
             prompt = await self.stored_prompt(name, field=field)
             return voice_prompt(ckpt, clone=prompt, instruct=instruct)
         if name.lower() in ckpt.config.talker.speakers:
@@ -375,7 +379,11 @@ class Runtime:
                 f"has {len(instruct)} characters; at most {limit} (max_instruct_chars)", field=field
             )
 
-    def sampling(self, sp: pb.SamplingParams, *, prefix: str = "config.sampling.") -> SamplingParams:
+    def sampling(
+        self, sp: pb.SamplingParams, *, prefix: str = "config.sampling.", base: SamplingParams | None = None
+    ) -> SamplingParams:
+        """The request's sampling: its set fields over ``base`` (default: the checkpoint's
+        generation_config.json)."""
         ckpt = self.checkpoint
         overrides: dict[str, Any] = {}
         for name in (
@@ -393,9 +401,31 @@ class Runtime:
         if sp.HasField("greedy") and sp.greedy:
             overrides.update(do_sample=False, subtalker_do_sample=False)
         try:
+            if base is not None:
+                return dataclasses.replace(base, **overrides).validated()
             return SamplingParams.from_generation_config(ckpt.generation_config, **overrides)
         except InvalidInputError as e:
             raise with_field_prefix(e, prefix) from None
+
+    @staticmethod
+    def official_non_streaming_default(voice: VoicePrompt) -> bool:
+        """The official package's default layout for a whole-text call (see
+        ``model.prompt.default_non_streaming_mode``)."""
+        return default_non_streaming_mode(voice)
+
+    def check_seed(self, seed: int | None, *, field: str) -> None:
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise InvalidInputError(f"{seed} is out of range: 0 <= seed <= {MAX_SEED}", field=field)
+
+    def check_key(self, key: str, *, field: str) -> None:
+        """Utterance keys and flush client ids: short, printable, no surprises in logs."""
+        limit = self.config.max_utterance_key_chars
+        if len(key) > limit:
+            raise InvalidInputError(
+                f"has {len(key)} characters; at most {limit} (max_utterance_key_chars)", field=field
+            )
+        if key and not all(c.isalnum() or c in "-_.:/@" for c in key):
+            raise InvalidInputError("may hold only letters, digits and - _ . : / @", field=field)
 
     def open_session(
         self,
@@ -406,11 +436,11 @@ class Runtime:
         seed: int | None,
         first_packet_frames: int | None = None,
         packet_frames: int | None = None,
+        non_streaming_mode: bool = False,
         prefix: str = "config.",
     ) -> Session:
         self.check_ready()
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise InvalidInputError(f"{seed} is out of range: 0 <= seed <= {MAX_SEED}", field=f"{prefix}seed")
+        self.check_seed(seed, field=f"{prefix}seed")
         try:
             return self.require_engine().open_session(
                 voice,
@@ -419,17 +449,27 @@ class Runtime:
                 seed=seed,
                 first_packet_frames=first_packet_frames,
                 packet_frames=packet_frames,
+                non_streaming_mode=non_streaming_mode,
             )
         except InvalidInputError as e:
             raise with_field_prefix(e, prefix) from None
 
-    async def session_from_config(self, cfg: pb.StreamConfig) -> tuple[Session, OutputFormat]:
+    async def session_from_config(
+        self, cfg: pb.StreamConfig, *, whole_text: bool | None = None
+    ) -> tuple[Session, OutputFormat]:
+        """A session for ``cfg``. Layout: ``cfg.non_streaming_mode`` if set, else
+        ``whole_text`` if given (None: the official default of the voice kind, for calls
+        that take the whole text at once), else dual-track."""
         self.check_ready()
         fmt = output_format(cfg.sample_rate_hz, cfg.encoding)
         params = self.sampling(cfg.sampling)
         self.check_instruct(cfg.instruct, field="config.instruct")
         voice = await self.voice_from_config(cfg)
         seed = cfg.seed if cfg.HasField("seed") else None
+        if cfg.HasField("non_streaming_mode"):
+            layout = cfg.non_streaming_mode
+        else:
+            layout = self.official_non_streaming_default(voice) if whole_text is None else whole_text
         session = self.open_session(
             voice,
             cfg.language,
@@ -437,5 +477,45 @@ class Runtime:
             seed=seed,
             first_packet_frames=cfg.first_packet_frames or None,
             packet_frames=cfg.packet_frames or None,
+            non_streaming_mode=layout,
         )
         return session, fmt
+
+    async def utterance_options(
+        self, o: pb.UtteranceOptions, session: Session, *, prefix: str = "begin.options."
+    ) -> UtteranceOptions:
+        """Per-utterance overrides of a BeginUtterance (validated against the session)."""
+        voice = None
+        which = o.WhichOneof("voice")
+        instruct = o.instruct if o.HasField("instruct") else None
+        if instruct is not None:
+            self.check_instruct(instruct, field=f"{prefix}instruct")
+        if which == "voice_id":
+            prompt = await self.stored_prompt(o.voice_id, field=f"{prefix}voice_id")
+            voice = voice_prompt(self.checkpoint, clone=prompt, instruct=instruct)
+        elif which == "speaker":
+            voice = voice_prompt(self.checkpoint, speaker=o.speaker, instruct=instruct)
+        elif instruct is not None:  # a new description / style for the stream's voice
+            base = session.voice
+            if base.speaker is not None:
+                voice = voice_prompt(self.checkpoint, speaker=base.speaker, instruct=instruct)
+            elif base.speaker_embedding is None:
+                voice = voice_prompt(self.checkpoint, instruct=instruct)
+            else:
+                raise InvalidInputError("is not supported with a cloned voice", field=f"{prefix}instruct")
+        seed = o.seed if o.HasField("seed") else None
+        self.check_seed(seed, field=f"{prefix}seed")
+        params = None
+        if o.HasField("sampling"):
+            params = self.sampling(o.sampling, prefix=f"{prefix}sampling.", base=session.spec.params)
+        opts = UtteranceOptions(
+            voice=voice,
+            language=o.language if o.HasField("language") else None,
+            params=params,
+            seed=seed,
+            non_streaming_mode=o.non_streaming_mode if o.HasField("non_streaming_mode") else None,
+        )
+        try:
+            return self.require_engine().check_options(opts, session.spec)
+        except InvalidInputError as e:
+            raise with_field_prefix(e, prefix) from None
