@@ -41,8 +41,9 @@ from qwen3tts_rt.errors import (
 
 MODEL_SAMPLE_RATE = 24000
 
-# Rates the server may be asked to produce.
-SUPPORTED_OUTPUT_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 44100, 48000)
+# Rates the server may be asked to produce (StreamResampler converts to any rate; these
+# are the ones telephony and the voice-agent frameworks use).
+SUPPORTED_OUTPUT_RATES: tuple[int, ...] = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
 # --------------------------------------------------------------------------- rules
@@ -53,6 +54,12 @@ class ReferenceAudioRules:
     """What reference audio for voice cloning must satisfy (errors) or should (warnings)."""
 
     max_bytes: int = 10 * 1024 * 1024  # encoded size, checked before decoding
+    # What decoding may allocate (a few kB of FLAC can declare 1 MHz, 8 channels, 60 s: GBs):
+    # rate and channels are checked from the stream header before decoding and again on each
+    # decoded frame; decoding stops as soon as the decoded samples pass max_decoded_bytes.
+    max_sample_rate: int = 192_000  # input rate (Hz); higher is refused
+    max_channels: int = 8  # input channels; more are refused
+    max_decoded_bytes: int = 64 * 1024 * 1024  # decoded samples as float32, all channels
     max_seconds: float = 60.0
     min_seconds: float = 1.0
     recommended_min_seconds: float = 10.0  # outside 10-20 s: a warning, not an error
@@ -238,9 +245,11 @@ class _Decoded:
 
 
 def _decode(data: bytes, rules: ReferenceAudioRules | None) -> _Decoded:
-    """Decode an encoded audio file held in memory. With ``rules``, the sample rate is
-    checked before decoding and decoding stops once ``max_seconds`` is exceeded (a few MB
-    of a low-bit-rate stream can decode to hours of samples)."""
+    """Decode an encoded audio file held in memory. With ``rules``, what decoding may
+    allocate is bounded: the sample rate and channel count are checked from the stream
+    header before decoding and on every decoded frame, and decoding stops as soon as the
+    decoded samples pass ``max_decoded_bytes`` or ``max_seconds`` (a few kB of FLAC can
+    declare a megahertz rate, eight channels and a minute: gigabytes of samples)."""
     kind = _sniff_format(data)
     if kind is None:
         raise AudioUndecodableError(
@@ -271,18 +280,38 @@ def _decode_with(data: bytes, kind: str, demuxer: str, rules: ReferenceAudioRule
             raise AudioUndecodableError(f"reference audio {label} container holds no audio stream")
         stream = container.streams.audio[0]
         announced_s = container.duration / av.time_base if container.duration else None
-        rate = int(stream.codec_context.sample_rate or 0)
-        if rules is not None and rate:
-            _check_rate(rate, rules)
-        max_samples = math.inf if rules is None or not rate else rules.max_seconds * rate
+        if rules is not None:  # what the header declares, before anything is decoded
+            ctx = stream.codec_context
+            _check_allocation(int(ctx.sample_rate or 0), int(ctx.channels or 0), rules)
+            if ctx.sample_rate:
+                _check_rate(int(ctx.sample_rate), rules)
+        rate = 0  # the decoded frames' rate (authoritative: HE-AAC headers announce half of it)
+        max_samples = math.inf
         parts: list[np.ndarray] = []
-        total = 0
+        total = 0  # samples per channel
+        decoded_bytes = 0  # as float32, all channels
         for frame in container.decode(stream):
+            frame_rate, channels = int(frame.sample_rate), len(frame.layout.channels)
+            if rules is not None:
+                _check_allocation(frame_rate, channels, rules)
+                decoded_bytes += frame.samples * channels * 4
+                if decoded_bytes > rules.max_decoded_bytes:
+                    raise AudioTooLargeError(
+                        f"reference audio decodes to more than {rules.max_decoded_bytes / 2**20:g} MiB of "
+                        f"samples ({channels} channel(s) at {frame_rate} Hz; decoding stopped at "
+                        f"{(total + frame.samples) / frame_rate:.1f} s); send mono or stereo audio of at "
+                        f"most {rules.max_seconds:g} s at 48 kHz or less"
+                    )
             if not rate:
-                rate = int(frame.sample_rate)
+                rate = frame_rate
                 if rules is not None:
                     _check_rate(rate, rules)
                     max_samples = rules.max_seconds * rate
+            elif frame_rate != rate:
+                raise AudioUndecodableError(
+                    f"reference audio changes its sample rate mid-stream ({rate} -> {frame_rate} Hz); "
+                    f"send a file with one sample rate"
+                )
             part = _frame_to_float(frame)  # [C, n]
             if parts and part.shape[0] != parts[0].shape[0]:
                 raise AudioUndecodableError(
@@ -318,7 +347,22 @@ def _decode_with(data: bytes, kind: str, demuxer: str, rules: ReferenceAudioRule
 # --------------------------------------------------------------------------- checks
 
 
+def _check_allocation(rate: int, channels: int, rules: ReferenceAudioRules) -> None:
+    """The limits on what decoding allocates (0: not known yet)."""
+    if rate > rules.max_sample_rate:
+        raise AudioSampleRateError(
+            f"reference audio is {rate} Hz; at most {rules.max_sample_rate} Hz is accepted "
+            f"(the model works at {rules.target_sample_rate} Hz: send 24-48 kHz)"
+        )
+    if channels > rules.max_channels:
+        raise AudioTooLargeError(
+            f"reference audio has {channels} channels; at most {rules.max_channels} are accepted "
+            f"(send mono or stereo)"
+        )
+
+
 def _check_rate(rate: int, rules: ReferenceAudioRules) -> None:
+    _check_allocation(rate, 0, rules)
     if rate < rules.min_sample_rate:
         raise AudioSampleRateError(
             f"reference audio is {rate} Hz; at least {rules.min_sample_rate} Hz is required "

@@ -2,7 +2,7 @@
 
 Latency histograms are dense between 5 ms and 2 s (where first-packet latencies of a
 real-time TTS live) and sparse beyond. The gRPC server records into these; the
-``/metrics`` endpoint is started with :func:`start_metrics_server`.
+``/metrics`` endpoint is served by :class:`MetricsServer`.
 
 Names (all prefixed ``qwen3tts_``):
 
@@ -22,11 +22,15 @@ Names (all prefixed ``qwen3tts_``):
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
 import weakref
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 # Dense between 5 ms and 2 s: 5 ms steps to 50 ms, 10-20 ms steps to 200 ms, then wider.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -121,11 +125,58 @@ def observe_tick(batch_size: int, seconds: float) -> None:
     ENGINE_TICK.observe(seconds)
 
 
-class MetricsServer:
-    """``/metrics`` over HTTP on its own thread (prometheus-client's server)."""
+METRICS_PATH = "/metrics"
 
-    def __init__(self, port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _guarded_app(registry: CollectorRegistry, authorized: Callable[[str | None], bool] | None) -> Any:
+    """prometheus-client's WSGI app, answering ``/metrics`` only, and only to requests whose
+    ``Authorization`` header ``authorized`` accepts (when given)."""
+    app = make_wsgi_app(registry)
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [f"not found: metrics are at {METRICS_PATH}\n".encode()]
+        if authorized is not None and not authorized(environ.get("HTTP_AUTHORIZATION")):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+            )
+            return [b"send 'Authorization: Bearer <metrics token>'\n"]
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return guarded
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP on its own thread (prometheus-client's WSGI app). Only that
+    path answers (404 elsewhere); with ``authorized``, a request whose ``Authorization``
+    header it refuses gets 401."""
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        registry: CollectorRegistry = REGISTRY,
+        authorized: Callable[[str | None], bool] | None = None,
+    ) -> None:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class Server(socketserver.ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = family
+
+        self._httpd = make_server(
+            host, port, _guarded_app(registry, authorized), server_class=Server, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.host = host
         self.port = int(self._httpd.server_port)  # the bound port (``port=0`` picks a free one)
         self._closed = False

@@ -29,9 +29,12 @@ from qwen3tts_rt.server import riva_service
 from qwen3tts_rt.server.config import ServerConfig
 from qwen3tts_rt.server.interceptors import (
     BearerAuthInterceptor,
+    ClientGoneInterceptor,
     InFlightInterceptor,
     MetricsInterceptor,
+    UnauthenticatedLimitInterceptor,
     UndecodableRequestInterceptor,
+    bearer_matches,
 )
 from qwen3tts_rt.server.runtime import Runtime
 from qwen3tts_rt.server.tts_service import TextToSpeechServicer
@@ -52,8 +55,10 @@ class TTSServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.metrics: MetricsServer | None = None
+        self.openai: Any = None  # OpenAISpeechServer when config.openai_port is set
         self.port: int | None = None
         self.inflight = InFlightInterceptor(SERVICES)
+        self.unauthenticated = UnauthenticatedLimitInterceptor(*self.config.unauthenticated_bounds)
         self._drained = False
 
     @property
@@ -68,12 +73,13 @@ class TTSServer:
         """Listen (health NOT_SERVING until ``load``); returns the bound port."""
         cfg = self.config
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            MetricsInterceptor(),
-            UndecodableRequestInterceptor(),
+            MetricsInterceptor(),  # outermost: sees every call's final code
+            ClientGoneInterceptor(),
+            self.unauthenticated,
         ]
         if cfg.auth_token:
-            interceptors.append(BearerAuthInterceptor(cfg.auth_token))
-        interceptors.append(self.inflight)
+            interceptors.append(BearerAuthInterceptor(cfg.auth_token))  # before any body is parsed
+        interceptors += [UndecodableRequestInterceptor(), self.inflight]
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
@@ -99,7 +105,17 @@ class TTSServer:
         await server.start()
         self._server = server
         if cfg.metrics_port is not None:
-            self.metrics = MetricsServer(cfg.metrics_port, cfg.metrics_host)
+            token = cfg.metrics_auth_token
+            self.metrics = MetricsServer(
+                cfg.metrics_port,
+                cfg.metrics_host,
+                authorized=(lambda value: bearer_matches(value, token)) if token else None,
+            )
+        if cfg.openai_port is not None:
+            from qwen3tts_rt.server.openai_speech import OpenAISpeechServer
+
+            self.openai = OpenAISpeechServer(self.runtime, cfg.openai_host, cfg.openai_port)
+            await self.openai.start()
         log.info("listening on %s (%s)", addr, "TLS" if cfg.tls_cert else "plaintext")
         return self.port
 
@@ -119,14 +135,18 @@ class TTSServer:
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         self.runtime.draining = True
         await self.health.enter_graceful_shutdown()
+        # the HTTP endpoint stops listening now; its requests in flight get the same grace
+        http_stop = asyncio.create_task(self.openai.stop(grace)) if self.openai is not None else None
         if self.inflight.count:
             log.info("draining: waiting up to %.0f s for %d RPCs in flight", grace, self.inflight.count)
-        try:
-            await asyncio.wait_for(self.inflight.wait_idle(), grace)
-        except asyncio.TimeoutError:
-            log.warning("drain grace over: cancelling %d RPCs still in flight", self.inflight.count)
+            try:
+                await asyncio.wait_for(self.inflight.wait_idle(), grace)
+            except asyncio.TimeoutError:
+                log.warning("drain grace over: cancelling %d RPCs still in flight", self.inflight.count)
         if self._server is not None:
             await self._server.stop(0.5)
+        if http_stop is not None:
+            await http_stop
         await asyncio.to_thread(self.runtime.shutdown)
         if self.metrics is not None:
             self.metrics.close()
@@ -153,6 +173,10 @@ async def serve(config: ServerConfig, *, ckpt: Checkpoint | None = None) -> None
             metrics_at = (
                 f", /metrics on {config.metrics_host}:{server.metrics.port}" if server.metrics else ""
             )
+            if server.openai is not None:
+                metrics_at += (
+                    f", OpenAI speech on http://{config.openai_host}:{server.openai.port}/v1/audio/speech"
+                )
             print(
                 f"qwen3tts-rt serving {config.model} on {server.address}{metrics_at}",
                 flush=True,
@@ -205,6 +229,11 @@ class ServerThread:
     @property
     def metrics_port(self) -> int | None:
         return self.server.metrics.port if self.server.metrics else None
+
+    @property
+    def openai_port(self) -> int | None:
+        """Port of the OpenAI-compatible HTTP endpoint (None: off)."""
+        return self.server.openai.port if self.server.openai is not None else None
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Drain and stop the loop. Safe to call twice."""

@@ -3,6 +3,7 @@
 * ``InvalidInputError`` (and subclasses)      -> INVALID_ARGUMENT (message names field and rule)
 * ``CapacityError``                           -> RESOURCE_EXHAUSTED
 * ``NotFoundError``                           -> NOT_FOUND
+* ``TimeLimitError`` (stream idle / too long)  -> DEADLINE_EXCEEDED
 * ``UnavailableError`` (not ready, draining)  -> UNAVAILABLE
 * ``ModelUnavailableError``/``CheckpointError`` -> FAILED_PRECONDITION
 * a failure inside an engine session          -> by ``SessionError.kind``
@@ -11,6 +12,11 @@
   them; single requests are parsed before any handler runs, so ``UndecodableRequestInterceptor``
   hands those over as ``UndecodableRequest`` (else gRPC would answer UNKNOWN).
 * anything else                               -> INTERNAL (details only in the server log)
+
+Every message is bounded (``bounded``): a value echoed from a request (a 20 kB language,
+a 1 MB id) must not push the status over gRPC's metadata limit, where the client would see
+RESOURCE_EXHAUSTED instead of the real code. Where a message is built, ``echo`` quotes a
+client's value cut to a few dozen characters.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from qwen3tts_rt.errors import (
     ModelUnavailableError,
     NotFoundError,
     Qwen3TTSError,
+    TimeLimitError,
     UnavailableError,
+    echo,  # noqa: F401 - re-exported: messages built in the server quote client values with it
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (TimeLimitError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ModelUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -62,6 +71,22 @@ _SESSION_CODES = {
 }
 
 
+MAX_STATUS_MESSAGE_BYTES = 1024  # UTF-8 bytes of a status message (sent percent-encoded in a header)
+
+
+def bounded(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes, keeping its start (the field at
+    fault) and its end (what is allowed) and saying how much was cut from the middle."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    keep = limit - 48  # room for the marker
+    head = data[: keep * 2 // 3].decode("utf-8", "ignore")
+    tail = data[len(data) - (keep - keep * 2 // 3) :].decode("utf-8", "ignore")
+    cut = len(message) - len(head) - len(tail)
+    return f"{head} ...[{cut} characters cut]... {tail}"
+
+
 def undecodable_message(exc: BaseException) -> str:
     return (
         f"request: the message could not be parsed ({exc}); send a valid protobuf message (strings in UTF-8)"
@@ -69,7 +94,12 @@ def undecodable_message(exc: BaseException) -> str:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(status code, client-facing message) for an exception."""
+    """(status code, client-facing message) for an exception; the message is ``bounded``."""
+    code, message = _status_for(exc)
+    return code, bounded(message)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SessionFailedError):
         return _SESSION_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc)
     if isinstance(exc, DecodeError):
@@ -101,7 +131,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate an async servicer method (coroutine or async generator): domain errors
     raised inside it end the RPC with their status code; any other exception ends it
-    with INTERNAL (logged with its traceback). Cancellation passes through."""
+    with INTERNAL (logged with its traceback). Cancellation passes through, and so does a
+    failure of the call in gRPC's core (the client is gone: ``ClientGoneInterceptor`` ends
+    the call as cancelled)."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
@@ -111,7 +143,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except grpc.aio.AbortError:
+            except (grpc.aio.AbortError, grpc.aio.InternalError):  # aborted; or the call is gone
                 raise
             except Exception as e:
                 await abort(context, e)
@@ -122,7 +154,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except grpc.aio.AbortError:
+        except (grpc.aio.AbortError, grpc.aio.InternalError):  # aborted; or the call is gone
             raise
         except Exception as e:
             await abort(context, e)

@@ -1,11 +1,20 @@
-"""Server interceptors: bearer-token auth, per-RPC status counting, RPCs in flight, and
-requests that do not parse."""
+"""Server interceptors: bearer-token auth (checked before a request body is parsed), a
+separate bound for calls that need no credentials, clients that disconnect, per-RPC status
+counting, RPCs in flight, and requests that do not parse.
+
+The server installs them in this order (the first wraps all the others):
+``MetricsInterceptor``, ``ClientGoneInterceptor``, ``UnauthenticatedLimitInterceptor``,
+``BearerAuthInterceptor`` (when a token is set), ``UndecodableRequestInterceptor``,
+``InFlightInterceptor``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,7 +24,15 @@ from google.protobuf.message import DecodeError
 from qwen3tts_rt import metrics
 from qwen3tts_rt.server.errors import undecodable_message
 
+log = logging.getLogger(__name__)
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"
+
+
+# The generator wrappers below close the generator they iterate (``aclosing``) when they are
+# closed themselves, so that closing the outermost one (``ClientGoneInterceptor``) runs the
+# servicer's cleanup at once rather than whenever the garbage collector finalises it.
 
 
 def _wrap(
@@ -46,8 +63,9 @@ def _around(
 
         async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await before(request, context)
-            async for item in behaviour(request, context):
-                yield item
+            async with contextlib.aclosing(behaviour(request, context)) as items:
+                async for item in items:
+                    yield item
 
         return gen
 
@@ -58,18 +76,46 @@ def _around(
     return coro
 
 
+def bearer_matches(value: str | bytes | None, token: str) -> bool:
+    """Whether an ``authorization`` value is ``Bearer <token>``: the scheme in any case
+    (RFC 7235), one or more spaces, then exactly the token (compared in constant time)."""
+    if value is None:
+        return False
+    raw = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
+    scheme, sep, credentials = raw.partition(b" ")
+    if not sep or scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(credentials.lstrip(b" "), token.encode())
+
+
+UNAUTHENTICATED_MESSAGE = "missing or wrong credentials: send metadata 'authorization: Bearer <token>'"
+
+
+async def _deny(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler for ``handler``'s method that answers UNAUTHENTICATED without reading,
+    let alone parsing, the request: it takes the request as a stream (so gRPC does not
+    receive a single request before calling it) and never reads that stream."""
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_deny, response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(_deny, response_serializer=handler.response_serializer)
+
+
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every RPC except health checks needs ``authorization: Bearer <token>`` metadata
-    (compared in constant time); otherwise UNAUTHENTICATED."""
+    (``bearer_matches``); otherwise UNAUTHENTICATED, decided from the method name and the
+    metadata alone, before any request body is read or parsed."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     def _ok(self, metadata: Any) -> bool:
         for key, value in metadata or ():
             if key.lower() == "authorization":
-                got = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(got, self._expected)
+                return bearer_matches(value, self._token)
         return False
 
     async def intercept_service(
@@ -85,14 +131,139 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             or self._ok(handler_call_details.invocation_metadata)
         ):
             return handler
+        return _denied(handler)
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+
+class UnauthenticatedLimitInterceptor(grpc.aio.ServerInterceptor):
+    """Calls that need no credentials (health Check and Watch) get their own small bound,
+    so that they can never use up ``max_concurrent_rpcs``, which authenticated traffic
+    needs: at most ``max_calls`` of them in flight, of which at most ``max_watches`` Watch
+    streams (a watch never ends on its own). More get RESOURCE_EXHAUSTED at once."""
+
+    def __init__(self, max_calls: int, max_watches: int) -> None:
+        self.max_calls = max_calls
+        self.max_watches = max_watches
+        self.calls = 0
+        self.watches = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(HEALTH_PREFIX):
+            return handler
+        watch = method == HEALTH_WATCH
+        return _wrap(
+            handler, lambda b: _admitted(b, lambda ctx: self._enter(ctx, watch), lambda: self._exit(watch))
+        )
+
+    async def _enter(self, context: grpc.aio.ServicerContext, watch: bool) -> None:
+        if self.calls >= self.max_calls:
             await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong credentials: send metadata 'authorization: Bearer <token>'",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health calls in flight (max_unauthenticated_rpcs={self.max_calls}); retry later",
             )
+        if watch and self.watches >= self.max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many health Watch streams (max_health_watches={self.max_watches}); "
+                f"use Check, or retry later",
+            )
+        self.calls += 1
+        self.watches += watch
 
-        return _wrap(handler, lambda b: _around(b, deny))
+    def _exit(self, watch: bool) -> None:
+        self.calls -= 1
+        self.watches -= watch
+
+
+def _admitted(
+    behaviour: Callable[..., Any],
+    enter: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+    exit_: Callable[[], None],
+) -> Callable[..., Any]:
+    """``behaviour`` (coroutine or async generator) after ``await enter(context)`` (which
+    may abort), with ``exit_()`` once it ends, however it ends, when ``enter`` returned."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await enter(context)
+            try:
+                async with contextlib.aclosing(behaviour(request, context)) as items:
+                    async for item in items:
+                        yield item
+            finally:
+                exit_()
+
+        return gen
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await enter(context)
+        try:
+            return await behaviour(request, context)
+        finally:
+            exit_()
+
+    return coro
+
+
+class ClientGoneInterceptor(grpc.aio.ServerInterceptor):
+    """A client that disconnects is normal: its RPC ends as cancelled, logged at DEBUG.
+
+    grpc.aio writes the responses of an async-generator handler itself; when the client is
+    gone, the write fails in the core with ``ExecuteBatchError``, and whenever that failure
+    is processed before the core's cancel notice (often under CPU load) grpc logs it at
+    ERROR ("ExecuteBatchError raised in core by servicer method"). Here response streams are
+    written by the wrapper instead: it stops writing once the call is done or cancelled,
+    turns a core failure of a write (or of an abort of a call that is gone) into a
+    cancellation, and closes the handler's generator at once so that its cleanup runs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return _wrap(handler, lambda b: _gone_is_cancelled(b, method))
+
+
+def _client_gone(method: str, exc: BaseException) -> asyncio.CancelledError:
+    log.debug("client gone during %s (%s): ending the call as cancelled", method, type(exc).__name__)
+    return asyncio.CancelledError()
+
+
+def _gone_is_cancelled(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+            responses = behaviour(request, context)
+            try:
+                async for item in responses:
+                    if context.done():  # aborted: gRPC ends the call with that status
+                        return
+                    if context.cancelled():
+                        raise asyncio.CancelledError()
+                    await context.write(item)
+            except grpc.aio.InternalError as e:  # a core operation on a call that is gone
+                raise _client_gone(method, e) from e
+            finally:
+                await responses.aclose()
+
+        return written
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.InternalError as e:
+            raise _client_gone(method, e) from e
+
+    return coro
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
@@ -136,8 +307,9 @@ def _bracketed(
         async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             end, cancelled = start(context), False
             try:
-                async for item in behaviour(request, context):
-                    yield item
+                async with contextlib.aclosing(behaviour(request, context)) as items:
+                    async for item in items:
+                        yield item
             except asyncio.CancelledError:
                 cancelled = True
                 raise
