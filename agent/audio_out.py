@@ -29,7 +29,9 @@ OUT_RATE = 48000
 FRAME_MS = 20
 FRAME_SAMPLES = OUT_RATE * FRAME_MS // 1000  # 960
 TIME_BASE = fractions.Fraction(1, OUT_RATE)
-MAX_LAG_S = 0.2  # further behind schedule than this (a stalled loop): resync instead of bursting
+# Further behind schedule than this (a stalled process): the RTP time skips ahead to the
+# wall clock instead of bursting the backlog; below it, late frames go out back to back.
+MAX_LAG_S = 0.2
 
 
 class Upsampler:
@@ -83,7 +85,14 @@ class SentFrame:
 
 
 class PacedAudioTrack(MediaStreamTrack):
-    """Outbound audio: 20 ms s16 mono frames at 48 kHz, frame k released at start + k * 20 ms."""
+    """Outbound audio: 20 ms s16 mono frames at 48 kHz; the frame of RTP time ``pts`` is
+    released at ``start + pts / 48000``.
+
+    RTP time stays on the wall clock: after a stall longer than ``MAX_LAG_S`` the next
+    frame's ``pts`` skips ahead by the stalled time (whole frames) and ``start`` never moves.
+    Delaying the timeline instead would leave every later packet "late" by the stall, and
+    the receiver's jitter buffer would keep that much extra delay for the rest of the call.
+    Only time is skipped: queued reply audio goes on from where it stopped."""
 
     kind = "audio"
 
@@ -104,6 +113,7 @@ class PacedAudioTrack(MediaStreamTrack):
         self._turns: dict[int, Playback] = {}
         self._start: float | None = None
         self._pts = 0
+        self.skipped_samples = 0  # RTP time skipped after stalls (diagnostics, tests)
         self._stop_pending: float | None = None
         self.last_stop: tuple[float, float] | None = None  # (decided_at, stopped_at) of the last clear
         self.frames: deque[SentFrame] = deque(maxlen=frame_log)  # recent frames (diagnostics, tests)
@@ -179,8 +189,11 @@ class PacedAudioTrack(MediaStreamTrack):
         await clock.sleep_until(due)
         now = clock.now()
         if now - due > MAX_LAG_S:
-            log.debug("outbound audio %.0f ms behind schedule: resyncing", (now - due) * 1000)
-            self._start += now - due
+            # skip, don't delay: this frame takes the RTP time of the wall clock (whole frames)
+            on_time = int((now - self._start) * OUT_RATE) // FRAME_SAMPLES * FRAME_SAMPLES
+            log.debug("outbound audio %.0f ms behind schedule: RTP time skips ahead", (now - due) * 1000)
+            self.skipped_samples += on_time - self._pts
+            self._pts = on_time
         # Samples are taken after the wait, so a clear() during it silences this frame.
         data = np.zeros(FRAME_SAMPLES, np.int16)
         filled = 0

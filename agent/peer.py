@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 256  # messages kept while the data channel is not open yet
 CONNECT_TIMEOUT_S = 30.0  # an answered offer that never connects is closed after this
+# aiortc's audio jitter buffer hands a packet on only once this many later packets have
+# arrived (RTCRtpReceiver: JitterBuffer(prefetch=4)): a received frame's audio had arrived
+# this many frames before the frame reaches us. tests/test_agent_receive_timing.py checks it.
+RECEIVE_HOLD_FRAMES = 4
 
 
 def rtc_configuration(config: AgentConfig) -> RTCConfiguration:
@@ -103,14 +108,21 @@ class PeerSession:
             self._spawn(self._listen(track), "mic")
 
     async def _listen(self, track: MediaStreamTrack) -> None:
-        """Microphone -> 16 kHz mono -> VAD -> turn events for the conversation."""
+        """Microphone -> 16 kHz mono -> VAD -> turn events for the conversation. The VAD
+        stamps speech at the audio's own time: the frame's pts (from its RTP timestamp), put
+        on our clock at the moment its packet arrived (before aiortc's jitter buffer)."""
         to16k = To16kMono()
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            events = self.detector.push(to16k.convert(frame))  # type: ignore[arg-type]
+            assert isinstance(frame, av.AudioFrame)
+            held = RECEIVE_HOLD_FRAMES * frame.samples / frame.sample_rate
+            media_time = (
+                None if frame.pts is None or frame.time_base is None else float(frame.pts * frame.time_base)
+            )
+            events = self.detector.push(to16k.convert(frame), media_time, self.clock.now() - held)
             if events:
                 self.conversation.on_vad(events)
 

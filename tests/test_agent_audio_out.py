@@ -161,3 +161,30 @@ async def test_clear_during_an_underrun_still_reports_the_stop() -> None:
     assert stops == [(pytest.approx(0.025), pytest.approx(0.04))]
     track.push(1, np.ones(10, np.int16))  # ended: late audio of the reply is ignored
     assert track.queued_samples == 0
+
+
+async def test_a_stall_skips_rtp_time_instead_of_delaying_it() -> None:
+    """After the process stalls (the loop does not run for a second), the frames' RTP time
+    stays on the wall clock: the next frame's pts jumps by the stall and the schedule keeps
+    its start, so the receiver's jitter buffer does not grow by the stall. The queued audio
+    is not lost: it goes on from where it stopped."""
+    clock = ManualClock(100.0)
+    track = PacedAudioTrack(clock)
+    voice = np.arange(1, 10 * FRAME_SAMPLES + 1, dtype=np.int16)
+    track.push(1, voice)
+    sent = [await track.recv() for _ in range(3)]  # on time: pts 0, 960, 1920
+    clock.advance(1.005)  # a stall: frame 3 (due at 100.06) is asked for at 101.045
+    sent += [await track.recv() for _ in range(3)]
+    wall_frames = 52  # whole 20 ms frames in the 1.045 s since the start
+    assert [f.pts // FRAME_SAMPLES for f in sent] == [0, 1, 2, wall_frames, wall_frames + 1, wall_frames + 2]
+    assert track.skipped_samples == (wall_frames - 3) * FRAME_SAMPLES
+    # each later frame is released when its RTP time is due on the wall clock: RTP time and
+    # wall time differ by the same constant as before the stall
+    assert clock.sleeps[-2:] == pytest.approx([100.0 + (wall_frames + k) * 0.02 for k in (1, 2)])
+    # skipped time, not skipped audio: the reply's samples go out in order, none dropped
+    got = np.concatenate([f.to_ndarray().reshape(-1) for f in sent])
+    np.testing.assert_array_equal(got, voice[: 6 * FRAME_SAMPLES])
+    # a short delay (under MAX_LAG_S) is caught up by sending frames early, without a jump
+    clock.advance(0.1)
+    late = [await track.recv() for _ in range(2)]
+    assert [f.pts // FRAME_SAMPLES for f in late] == [wall_frames + 3, wall_frames + 4]

@@ -199,10 +199,26 @@ async def test_page_talks_listens_and_is_interrupted(tts_server: ServerThread, t
                     f"{heard_s * 1000:.0f} ms after the click"
                 )
                 await page.wait_for_timeout(400)  # let the level meter and the table settle
+                # the table: "heard" adds this browser's receive delay (getStats) to "response"
+                rows = await page.evaluate(
+                    "[...document.querySelectorAll('#latency tbody tr')]"
+                    ".map(tr => [...tr.cells].map(td => td.textContent))"
+                )
+                assert [r[0] for r in rows] == ["1", "2"], rows
+                receive_ms = await page.evaluate("window.agent.receiveDelayMs")
+                assert receive_ms is not None and receive_ms > 0
+                for r in rows:
+                    assert int(r[3]) >= int(r[2]), rows  # heard >= response
+                print(f"browser: receive delay (jitter buffer + playout) {receive_ms:.0f} ms; table {rows}")
                 SCREENSHOT.parent.mkdir(exist_ok=True)
                 await page.screenshot(path=str(SCREENSHOT), full_page=True)
+                # hang up while the agent speaks: the level meter goes back to zero
+                await page.fill("#text", "One more thing")
+                await page.click("#send")
+                await page.wait_for_function("document.getElementById('level').value > 0.01", timeout=20_000)
                 await page.click("#disconnect")
                 assert await page.inner_text("#conn") == "idle"
+                assert await page.evaluate("document.getElementById('level').value") == 0
                 assert not [c for c in console if c.startswith("error")], console
             finally:
                 await context.close()

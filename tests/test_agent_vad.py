@@ -1,13 +1,28 @@
-"""Turn-taking: the four-state machine (pure, driven frame by frame on a manual clock), and
-webrtcvad + the machine on real speech (espeak-ng)."""
+"""Turn-taking: the four-state machine (pure, driven frame by frame on a manual clock),
+webrtcvad + the machine on real speech (espeak-ng), and speech stamped at the audio's own
+time however late or bunched up its frames are handed over."""
 
 from __future__ import annotations
 
+import fractions
+
+import av
 import numpy as np
 import pytest
+import webrtcvad
 
 from agent.config import ConfigError, VadConfig
-from agent.vad import SpeechDetector, SpeechEnded, SpeechStarted, State, StateChanged, To16kMono, TurnDetector
+from agent.vad import (
+    VAD_RATE,
+    AudioTimeline,
+    SpeechDetector,
+    SpeechEnded,
+    SpeechStarted,
+    State,
+    StateChanged,
+    To16kMono,
+    TurnDetector,
+)
 from tests.agent_helpers import ESPEAK, ManualClock, espeak, silence
 
 CFG = VadConfig(frame_ms=20, start_ms=60, stop_ms=100, max_turn_s=2.0)  # 3 frames to start, 5 to stop
@@ -106,3 +121,113 @@ def test_detector_finds_espeak_turns_and_keeps_their_audio(frame_ms: int) -> Non
     assert end.speech_s > 0.6 * speech_s
     captured = len(end.audio) / 2 / 16000
     assert speech_s - 0.2 < captured < speech_s + 0.3 + 0.5 + 0.1  # pre-roll + speech + stop wait
+
+
+# --------------------------------------------------------------------------- the audio's own time
+
+
+def vowel(seconds: float, rate: int = 48000, f0: float = 120.0) -> np.ndarray:
+    """[S] int16: a synthetic voiced sound (harmonics of ``f0`` shaped by three formant peaks,
+    4 Hz tremolo) that webrtcvad calls speech; it ends abruptly at the last sample."""
+    t = np.arange(round(seconds * rate)) / rate
+    x = np.zeros_like(t)
+    for h in range(1, int(3800 / f0) + 1):
+        gain = 0.05 + sum(np.exp(-((((h * f0) - formant) / 150.0) ** 2)) for formant in (700, 1200, 2500))
+        x += gain * np.sin(2 * np.pi * h * f0 * t + h)
+    x *= 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)
+    return np.round(x / np.abs(x).max() * 8000).astype(np.int16)
+
+
+def network_frames(audio: np.ndarray) -> list[av.AudioFrame]:
+    """20 ms 48 kHz frames as aiortc hands them over: pts from the RTP timestamp (0 first)."""
+    frames = []
+    for i in range(0, audio.size - 959, 960):
+        f = av.AudioFrame.from_ndarray(audio[None, i : i + 960], format="s16", layout="mono")
+        f.sample_rate = 48000
+        f.pts = i
+        f.time_base = fractions.Fraction(1, 48000)
+        frames.append(f)
+    return frames
+
+
+def detect(frames: list[av.AudioFrame], handed_at: list[float], config: VadConfig) -> list[object]:
+    """The detector's events when frame i is handed over at ``handed_at[i]`` (manual clock)."""
+    clock = ManualClock(handed_at[0])
+    det = SpeechDetector(config, clock)
+    to16k = To16kMono()
+    events: list[object] = []
+    for f, t in zip(frames, handed_at, strict=True):
+        clock.t = t
+        events.extend(det.push(to16k.convert(f), float(f.pts * f.time_base)))
+    return events
+
+
+def test_end_of_speech_is_stamped_at_the_audios_time_not_when_it_was_processed() -> None:
+    """The same call, with its frames handed over live, or held back by a 1.5 s stall and then
+    handed over in one burst (as aiortc's queue does after the process stalls): the speech is
+    stamped at the same instants, the end of the last frame webrtcvad calls speech, placed on
+    the clock by the least-delayed frames. Only the decisions (``at``) are late."""
+    config = VadConfig(frame_ms=20, start_ms=100, stop_ms=300)
+    audio = np.concatenate([silence(0.3), vowel(0.8), silence(1.0)])
+    frames = network_frames(audio)
+    live = [50.0 + (k + 1) * 0.02 for k in range(len(frames))]  # frame k has arrived at its end
+    burst_at = live[95]  # frames 10..95 wait through a stall, then come all at once
+    stalled = [burst_at if 10 <= k <= 95 else t for k, t in enumerate(live)]
+    a, b = detect(frames, live, config), detect(frames, stalled, config)
+    ends = [[e for e in ev if isinstance(e, SpeechEnded)] for ev in (a, b)]
+    starts = [[e for e in ev if isinstance(e, SpeechStarted)] for ev in (a, b)]
+    assert [len(e) for e in ends] == [1, 1] and [len(s) for s in starts] == [1, 1]
+    (end_a,), (end_b,) = ends
+    (start_a,), (start_b,) = starts
+    assert end_b.at == burst_at and end_b.at > end_a.at  # the decision came late...
+    # ...the stamps did not (but for the timeline's drift allowance: 1 ms per s of stall)
+    assert end_b.last_speech_at == pytest.approx(end_a.last_speech_at, abs=0.002)
+    assert start_b.began_at == pytest.approx(start_a.began_at, abs=0.002)
+    # the stamp is the end of the last voiced webrtcvad frame, in the audio's own time
+    to16k = To16kMono()
+    pcm = b"".join(to16k.convert(f) for f in frames)
+    vad = webrtcvad.Vad(config.aggressiveness)
+    n = VAD_RATE * config.frame_ms // 1000
+    voiced = [vad.is_speech(pcm[i * 2 * n : (i + 1) * 2 * n], VAD_RATE) for i in range(len(pcm) // (2 * n))]
+    last = max(i for i, v in enumerate(voiced) if v)
+    assert end_a.last_speech_at == pytest.approx(50.0 + (last + 1) * config.frame_ms / 1000, abs=0.002)
+    assert 1.1 <= (last + 1) * config.frame_ms / 1000 <= 1.1 + 0.2  # the vowel ends at 1.1 s (+ hangover)
+    # live: stop_ms later, plus up to one network frame (the resampler's delay makes a VAD
+    # frame complete only with the next network frame)
+    assert 0.3 <= end_a.at - end_a.last_speech_at <= 0.3 + 0.02
+
+
+def test_lost_packets_and_a_new_stream_keep_the_audio_timeline() -> None:
+    """Media time comes from the frames' pts: a lost packet (pts skips 20 ms) moves the
+    count on; the timeline maps media time to the clock by the least-delayed arrival, lets
+    that offset rise slowly (clock drift) and starts over when media time goes backwards."""
+    clock = ManualClock(10.0)
+    det = SpeechDetector(VadConfig(frame_ms=20), clock)
+    frame = bytes(640)  # 20 ms at 16 kHz
+    det.push(frame, 0.0, received_at=10.02)
+    det.push(frame, 0.02, received_at=10.05)  # 10 ms late
+    assert det.timeline.offset == pytest.approx(10.0, abs=1e-4)
+    det.push(frame, 0.06, received_at=10.08)  # the packet of 0.04 was lost
+    assert det.timeline.at(0.08) == pytest.approx(10.08, abs=1e-4)
+    det.push(frame, 0.0, received_at=20.02)  # a new stream: pts from 0 again
+    assert det.timeline.at(0.02) == pytest.approx(20.02, abs=1e-4)
+    tl = AudioTimeline(drift=0.001)
+    tl.observe(1.0, 5.0)
+    tl.observe(101.0, 105.5)  # every later frame 0.5 s late: the offset rises 1 ms per s
+    assert tl.offset == pytest.approx(4.0 + 0.001 * 100.5)
+    with pytest.raises(ValueError, match="drift"):
+        AudioTimeline(drift=-1.0)
+    with pytest.raises(ValueError, match="even"):
+        det.push(b"\x00")
+
+
+def test_turn_detector_takes_the_audio_time_when_given() -> None:
+    clock = ManualClock(7.0)  # never moves: every frame is handed over at once
+    det = TurnDetector(CFG, clock)
+    events: list[object] = []
+    for k, c in enumerate("xxxx" + "." * 5):
+        events.extend(det.push(c == "x", audio_at=1.0 + 0.02 * (k + 1)))
+    (start,) = [e for e in events if isinstance(e, SpeechStarted)]
+    (end,) = [e for e in events if isinstance(e, SpeechEnded)]
+    assert start.began_at == pytest.approx(1.02) and start.at == 7.0
+    assert end.last_speech_at == pytest.approx(1.08) and end.at == 7.0

@@ -17,6 +17,9 @@ let audioCtx = null;
 let analyser = null;
 let levelTimer = null;
 let peakLevel = 0; // highest agent output level seen by the analyser (0..1)
+let delayTimer = null;
+let delaySnap = null; // the last getStats totals of the agent's audio (see pollReceiveDelay)
+let receiveDelayMs = null; // this browser's recent receive delay for the agent's audio
 const agentLines = new Map(); // turn -> <li> of the agent's reply
 const latencyRows = new Map(); // turn -> <tr>
 const messages = []; // every data-channel message received (for tests and debugging)
@@ -47,11 +50,15 @@ function line(kind, who, text) {
   return li;
 }
 
+// turn, input, response, heard, VAD stop, ASR, LLM 1st token, token -> audio, barge-in stop
+const COLUMNS = 9;
+const BARGE_IN_CELL = 8;
+
 function latencyRow(turn) {
   let tr = latencyRows.get(turn);
   if (!tr) {
     tr = document.createElement("tr");
-    for (let i = 0; i < 8; i++) tr.appendChild(document.createElement("td"));
+    for (let i = 0; i < COLUMNS; i++) tr.appendChild(document.createElement("td"));
     tr.cells[0].textContent = turn;
     ui.latency.appendChild(tr);
     latencyRows.set(turn, tr);
@@ -105,13 +112,15 @@ function onMessage(ev) {
     }
     case "latency": {
       const tr = latencyRow(m.turn);
-      const cells = [m.turn, m.input, fmt(m.response_ms), fmt(m.vad_stop_ms), fmt(m.asr_ms),
-        fmt(m.llm_first_token_ms), fmt(m.token_to_audio_ms)];
+      // heard: what the agent measured up to sending, plus what this browser adds before playing
+      const heard = receiveDelayMs === null ? null : m.response_ms + receiveDelayMs;
+      const cells = [m.turn, m.input, fmt(m.response_ms), fmt(heard), fmt(m.vad_stop_ms),
+        fmt(m.asr_ms), fmt(m.llm_first_token_ms), fmt(m.token_to_audio_ms)];
       cells.forEach((v, i) => { tr.cells[i].textContent = v; });
       break;
     }
     case "barge_in":
-      latencyRow(m.turn).cells[7].textContent = m.stop_ms.toFixed(1);
+      latencyRow(m.turn).cells[BARGE_IN_CELL].textContent = m.stop_ms.toFixed(1);
       break;
     case "error":
       line("error", "Error", `${m.service ? m.service + ": " : ""}${m.message}`);
@@ -129,7 +138,41 @@ function waitForIceGathering(conn, timeoutMs) {
   });
 }
 
+// This browser's receive delay for the agent's audio (getStats, polled twice a second): the
+// jitter buffer's average delay per sample since the last poll, plus the playout delay where
+// the browser reports it ("media-playout"). The agent sends frames all the time (silence
+// between replies), so this is the delay its first reply frame meets.
+async function pollReceiveDelay() {
+  if (!pc) return;
+  const s = { jb: 0, jbCount: 0, play: 0, playCount: 0 };
+  (await pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "audio") {
+      s.jb += r.jitterBufferDelay || 0;
+      s.jbCount += r.jitterBufferEmittedCount || 0;
+    } else if (r.type === "media-playout") {
+      s.play += r.totalPlayoutDelay || 0;
+      s.playCount += r.totalSamplesCount || 0;
+    }
+  });
+  const prev = delaySnap || { jb: 0, jbCount: 0, play: 0, playCount: 0 };
+  delaySnap = s;
+  if (s.jbCount <= prev.jbCount) return;
+  let ms = (1000 * (s.jb - prev.jb)) / (s.jbCount - prev.jbCount);
+  if (s.playCount > prev.playCount) ms += (1000 * (s.play - prev.play)) / (s.playCount - prev.playCount);
+  receiveDelayMs = ms;
+}
+
+function stopLevel() {
+  if (levelTimer) clearInterval(levelTimer);
+  levelTimer = null;
+  if (audioCtx) audioCtx.close();
+  audioCtx = null;
+  analyser = null;
+  ui.level.value = 0; // the meter shows the agent's audio now, and there is none
+}
+
 function watchLevel(stream) {
+  stopLevel();
   audioCtx = new AudioContext();
   analyser = audioCtx.createAnalyser();
   analyser.fftSize = 1024;
@@ -149,19 +192,25 @@ async function connect() {
   ui.conn.textContent = "connecting";
   try {
     const cfg = await (await fetch("config")).json();
-    pc = new RTCPeerConnection({ iceServers: cfg.iceServers });
-    pc.addEventListener("connectionstatechange", () => {
-      ui.conn.textContent = pc.connectionState;
-      if (pc.connectionState === "failed") disconnect();
+    const conn = new RTCPeerConnection({ iceServers: cfg.iceServers });
+    pc = conn;
+    // events of an earlier call (its pc closed, or closing) change nothing of this one
+    conn.addEventListener("connectionstatechange", () => {
+      if (conn !== pc) return;
+      ui.conn.textContent = conn.connectionState;
+      if (conn.connectionState === "failed" || conn.connectionState === "closed") disconnect();
     });
-    pc.addEventListener("track", (e) => {
+    conn.addEventListener("track", (e) => {
+      if (conn !== pc) return;
       const stream = e.streams[0] || new MediaStream([e.track]);
       ui.remote.srcObject = stream;
       ui.remote.muted = !ui.playback.checked;
       watchLevel(stream);
+      e.track.addEventListener("ended", () => { if (conn === pc) stopLevel(); });
     });
-    dc = pc.createDataChannel("chat");
+    dc = conn.createDataChannel("chat");
     dc.addEventListener("message", onMessage);
+    dc.addEventListener("close", () => { if (conn === pc) disconnect(); }); // the agent hung up
     try {
       micStream = await navigator.mediaDevices.getUserMedia({
         audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -184,6 +233,7 @@ async function connect() {
     if (!resp.ok) throw new Error(answer.error || resp.statusText);
     await pc.setRemoteDescription(answer);
     setConnected(true);
+    delayTimer = setInterval(() => { pollReceiveDelay().catch(() => {}); }, 500);
   } catch (err) {
     line("error", "Connect", String(err.message || err));
     disconnect();
@@ -191,10 +241,10 @@ async function connect() {
 }
 
 function disconnect() {
-  if (levelTimer) clearInterval(levelTimer);
-  levelTimer = null;
-  if (audioCtx) audioCtx.close();
-  audioCtx = null;
+  stopLevel();
+  if (delayTimer) clearInterval(delayTimer);
+  delayTimer = null;
+  delaySnap = receiveDelayMs = null;
   if (dc) dc.close();
   if (pc) pc.close();
   if (micStream) micStream.getTracks().forEach((t) => t.stop());
@@ -231,6 +281,7 @@ window.agent = {
   messages,
   get connectionState() { return pc ? pc.connectionState : "idle"; },
   get dataChannelState() { return dc ? dc.readyState : "none"; },
+  get receiveDelayMs() { return receiveDelayMs; },
   sendText,
   resetPeak() { peakLevel = 0; },
   async audioStats() {
