@@ -4,20 +4,27 @@ way of decoding (re-decode 25 frames of left context per packet), in one run.
     .venv/bin/python -m benchmarks.engine_cost --model checkpoints/0.6b-base [--device cuda --dtype bfloat16]
 
 Writes benchmarks/results/<device>-<preset>-<date>/engine_cost.json and prints a table.
+``--variants bfloat16:graphs,bfloat16:eager,float32:graphs`` measures several dtypes and
+fast-path modes in one process (one checkpoint load per dtype), one file each:
+``engine_cost-<dtype>-<mode>.json`` (what ``benchmarks/gpu_run.py`` runs).
 Not a test: it measures, it does not assert.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import gc
 import json
+import math
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 from benchmarks.decode_cost import (
@@ -35,7 +42,9 @@ from qwen3tts_rt.engine.voices import create_voice_clone_prompt, voice_prompt
 from qwen3tts_rt.model.checkpoint import Checkpoint, load_checkpoint
 from qwen3tts_rt.model.decoder_pool import DecoderPool
 from qwen3tts_rt.model.layers import attention_backend
+from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.model.sampling import SamplingParams
+from qwen3tts_rt.synthetic import synthetic_speech
 
 TEXT = "Hello! This is a benchmark of the streaming engine, speaking while the text still arrives."
 
@@ -130,20 +139,97 @@ def fast_path_info(ckpt: Checkpoint, cfg: EngineConfig | None = None) -> dict[st
     return {**fast.__dict__, "attention_backend": backend}
 
 
-def main() -> None:
+VARIANT_MODES = ("graphs", "eager", "dynamic")
+
+
+def variant_config(mode: str, base: EngineConfig) -> EngineConfig:
+    """``graphs``: static KV cache + CUDA graphs (the CUDA default; off CUDA, graphs are
+    never used and the default is the dynamic path); ``eager``: static KV cache, steps run
+    eagerly; ``dynamic``: growing KV cache, batches of exactly the ready rows."""
+    if mode not in VARIANT_MODES:
+        raise ValueError(f"unknown mode {mode!r}: one of {', '.join(VARIANT_MODES)}")
+    static, graphs = {"graphs": (None, True), "eager": (True, False), "dynamic": (False, False)}[mode]
+    return dataclasses.replace(base, static_kv=static, cuda_graphs=graphs)
+
+
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """``bfloat16:graphs,float32:eager`` -> [(dtype, mode), ...]."""
+    out = []
+    for item in text.split(","):
+        dtype, _, mode = item.strip().partition(":")
+        if dtype not in DTYPES or mode not in VARIANT_MODES:
+            raise ValueError(
+                f"bad variant {item!r}: DTYPE:MODE with DTYPE one of {', '.join(DTYPES)} "
+                f"and MODE one of {', '.join(VARIANT_MODES)}"
+            )
+        out.append((dtype, mode))
+    return out
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def measure(
+    ckpt: Checkpoint, voice: VoicePrompt, cfg: EngineConfig, *, model: str, dtype: str, frames: int, runs: int
+) -> dict[str, object]:
+    """One engine_cost result: the stage costs and the engine's first packet under ``cfg``."""
+    preset = (ckpt.config.raw.get("qwen3tts_rt_random_weights") or {}).get(
+        "preset", ckpt.config.tts_model_size
+    )
+    stages = stage_costs(ckpt, voice, frames, cfg)
+    return {
+        "model": model,
+        "preset": preset,
+        "device": device_name(ckpt.model.device),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "date": dt.date.today().isoformat(),
+        "fast_path": fast_path_info(ckpt, cfg),
+        "stages": stages,
+        "rtf_compute_engine": stages["frame_total_engine_ms"] / stages["frame_audio_ms"],
+        "engine": first_packet(ckpt, voice, runs, cfg),
+    }
+
+
+def load_with_voice(model: str, device: str, dtype: str) -> tuple[Checkpoint, VoicePrompt]:
+    ckpt = load_checkpoint(model, device=device, dtype=dtype)
+    clone = create_voice_clone_prompt(
+        ckpt, synthetic_speech(3.0), None, x_vector_only=True, sample_rate=24000
+    )
+    return ckpt, voice_prompt(ckpt, clone=clone)
+
+
+def write_result(out: Path, name: str, result: dict[str, object]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out-root", default="benchmarks/results")
+    ap.add_argument("--out", help="exact results folder (default: OUT_ROOT/<device>-<preset>-<date>)")
+    ap.add_argument(
+        "--variants",
+        help="several runs in one process, one file each (engine_cost-DTYPE-MODE.json): e.g. "
+        "bfloat16:graphs,bfloat16:eager,float32:graphs (MODE: graphs, eager or dynamic; "
+        "overrides --dtype, --static and --graphs)",
+    )
     fp = ap.add_argument_group("fast path (defaults: on for CUDA, off on CPU)")
     fp.add_argument("--static", action=argparse.BooleanOptionalAction, default=None, help="static KV cache")
     fp.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None, help="CUDA graphs")
     fp.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
     fp.add_argument("--max-positions", type=int, default=EngineConfig.max_positions)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.frames < 2 or a.runs < 1:
+        ap.error("--frames must be >= 2 and --runs >= 1")
     cfg = EngineConfig(
         max_sessions=1,
         static_kv=a.static,
@@ -151,31 +237,71 @@ def main() -> None:
         attention=a.attention,
         max_positions=a.max_positions,
     )
-    ckpt = load_checkpoint(a.model, device=a.device, dtype=a.dtype)
-    rng = np.random.default_rng(0)
-    ref = (0.1 * rng.standard_normal(24000 * 3)).astype(np.float32)
-    clone = create_voice_clone_prompt(ckpt, ref, None, x_vector_only=True, sample_rate=24000)
-    voice = voice_prompt(ckpt, clone=clone)
-    preset = (ckpt.config.raw.get("qwen3tts_rt_random_weights") or {}).get(
-        "preset", ckpt.config.tts_model_size
-    )
-    result = {
-        "model": str(a.model),
-        "preset": preset,
-        "device": device_name(ckpt.model.device),
-        "dtype": a.dtype,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "date": dt.date.today().isoformat(),
-        "fast_path": fast_path_info(ckpt, cfg),
-        "stages": stage_costs(ckpt, voice, a.frames, cfg),
-        "engine": first_packet(ckpt, voice, a.runs, cfg),
-    }
-    out = Path(a.out_root) / f"{result['device']}-{preset}-{result['date']}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"written to {out / 'engine_cost.json'}")
+    if not a.variants:
+        ckpt, voice = load_with_voice(a.model, a.device, a.dtype)
+        result = measure(ckpt, voice, cfg, model=str(a.model), dtype=a.dtype, frames=a.frames, runs=a.runs)
+        out = (
+            Path(a.out)
+            if a.out
+            else Path(a.out_root) / f"{result['device']}-{result['preset']}-{result['date']}"
+        )
+        path = write_result(out, "engine_cost.json", result)
+        print(json.dumps(result, indent=2))
+        print(f"written to {path}")
+        return
+    try:
+        variants = parse_variants(a.variants)
+    except ValueError as e:
+        ap.error(str(e))
+    failed = []
+    for dtype in dict.fromkeys(d for d, _ in variants):  # one load per dtype, in the order given
+        ckpt, voice = load_with_voice(a.model, a.device, dtype)
+        for mode in [m for d, m in variants if d == dtype]:
+            name = f"engine_cost-{dtype}-{mode}.json"
+            try:
+                result = measure(
+                    ckpt,
+                    voice,
+                    variant_config(mode, cfg),
+                    model=str(a.model),
+                    dtype=dtype,
+                    frames=a.frames,
+                    runs=a.runs,
+                )
+            except Exception as e:  # one variant's failure is recorded, the others still run
+                traceback.print_exc()
+                failed.append(name)
+                result = {
+                    "model": str(a.model),
+                    "dtype": dtype,
+                    "mode": mode,
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            result["mode"] = mode
+            out = (
+                Path(a.out)
+                if a.out
+                else Path(a.out_root)
+                / "{}-{}-{}".format(
+                    result.get("device", device_name(ckpt.model.device)),
+                    result.get("preset", ckpt.config.tts_model_size),
+                    dt.date.today().isoformat(),
+                )
+            )
+            path = write_result(out, name, result)
+            stages: dict[str, Any] = result.get("stages") or {}  # type: ignore[assignment]
+            engine: dict[str, Any] = result.get("engine") or {}  # type: ignore[assignment]
+            print(
+                f"{dtype:9s} {mode:8s} frame (engine) {stages.get('frame_total_engine_ms', math.nan):8.2f} ms, "
+                f"first packet p50 {engine.get('first_packet_ms_p50', math.nan):8.2f} ms -> {path}",
+                flush=True,
+            )
+        del ckpt, voice
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if failed:
+        raise SystemExit(f"variants failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
