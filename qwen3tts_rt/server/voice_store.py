@@ -1,7 +1,18 @@
-"""A persistent store of cloned voices.
+"""Persistent stores of cloned voices, behind one interface (``VoiceStore``).
 
-Each voice is two files in the store directory, both written atomically (temp file,
-fsync, rename, fsync of the directory):
+Two backends keep the same guarantees: atomic create, unguessable ids, list, delete, a
+limit on the number of voices, and voices that survive a server restart.
+
+* ``DirectoryVoiceStore`` (the default; ``VoiceStore(root, ...)`` opens one): files in a
+  directory, for one server process.
+* ``RedisVoiceStore`` (``qwen3tts_rt.server.voice_store_redis``; ``--voices redis://...``):
+  one Redis database shared by every server (the replicas of a Ray Serve application),
+  safe with several of them writing at once.
+
+``open_voice_store(config, fingerprint)`` picks the backend from the server config.
+
+The directory store: each voice is two files in the store directory, both written
+atomically (temp file, fsync, rename, fsync of the directory):
 
 * ``<id>.safetensors`` — the ``VoiceClonePrompt`` (speaker embedding, reference codes);
 * ``<id>.json`` — its record (display name, creation time, ...). A voice exists exactly
@@ -9,19 +20,21 @@ fsync, rename, fsync of the directory):
   at worst an orphan prompt, which the next start deletes.
 
 Ids are unguessable (``secrets.token_urlsafe``: 96 random bits) and are checked against a
-strict pattern before any path is made from them, so no request can name a file outside
-the directory; display names are data in the record, never part of a path.
-A write that fails for lack of space (full disk, quota, file-size limit) raises
-``StoreFullError`` (RESOURCE_EXHAUSTED: the server's problem, not the request's) and leaves
-the store as it was: the half-written files are removed at once, and no voice is recorded.
+strict pattern before any path (or key) is made from them, so no request can name a file
+outside the directory; display names are data in the record, never part of a path.
+A write that fails for lack of space (full disk, quota, file-size limit; Redis at its
+``maxmemory``) raises ``StoreFullError`` (RESOURCE_EXHAUSTED: the server's problem, not the
+request's) and leaves the store as it was: the half-written files are removed at once, and
+no voice is recorded.
 Prompts are computed once (at creation; a repeated identical request returns the voice
 it made before) and kept in memory under a byte cap (least recently used dropped first).
-Voices computed with other weights are kept on disk but not listed or used.
-Thread-safe: the gRPC layer calls it from worker threads.
+Voices computed with other weights are kept but not listed or used.
+Thread-safe: the server calls every method from its I/O worker threads.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import errno
 import hashlib
@@ -33,12 +46,16 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from qwen3tts_rt.engine.voices import VoiceClonePrompt
 from qwen3tts_rt.errors import CapacityError, NotFoundError
+
+if TYPE_CHECKING:
+    from qwen3tts_rt.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +143,183 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-class VoiceStore:
-    def __init__(
-        self, root: str | os.PathLike[str], model_fingerprint: str, *, max_voices: int, cache_bytes: int
-    ):
-        self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._root_resolved = self.root.resolve()
+def record_from_json(data: Any) -> VoiceRecord:
+    """A ``VoiceRecord`` from its JSON form (raises ValueError/TypeError when it is not one)."""
+    if not isinstance(data, dict):
+        raise ValueError("a voice record is a JSON object")
+    if data.get("format") != RECORD_FORMAT:
+        raise ValueError(f"unknown format {data.get('format')!r}")
+    return VoiceRecord(**data)
+
+
+def record_to_json(rec: VoiceRecord) -> bytes:
+    return json.dumps(asdict(rec), indent=1).encode()
+
+
+def capacity_error(max_voices: int) -> CapacityError:
+    return CapacityError(
+        f"the voice store holds its limit of {max_voices} voices (max_voices); delete some first"
+    )
+
+
+def not_found(voice_id: str) -> NotFoundError:
+    return NotFoundError(f"voice '{voice_id[:80]}' not found")
+
+
+class PromptLru:
+    """Clone prompts kept in memory under a byte cap, least recently used dropped first.
+    Not locked: its owner holds a lock around every call."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self.nbytes = 0
+        self._items: collections.OrderedDict[str, VoiceClonePrompt] = collections.OrderedDict()
+
+    def get(self, voice_id: str) -> VoiceClonePrompt | None:
+        prompt = self._items.get(voice_id)
+        if prompt is not None:
+            self._items.move_to_end(voice_id)
+        return prompt
+
+    def put(self, voice_id: str, prompt: VoiceClonePrompt) -> None:
+        if voice_id in self._items:
+            self._items.move_to_end(voice_id)
+            return
+        size = prompt.nbytes()
+        if size > self.cap_bytes:
+            return
+        self._items[voice_id] = prompt
+        self.nbytes += size
+        while self.nbytes > self.cap_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes()
+
+    def drop(self, voice_id: str) -> None:
+        dropped = self._items.pop(voice_id, None)
+        if dropped is not None:
+            self.nbytes -= dropped.nbytes()
+
+
+class VoiceStore(abc.ABC):
+    """The interface of a voice store (module docstring). Every method is thread-safe.
+
+    ``VoiceStore(root, fingerprint, max_voices=..., cache_bytes=...)`` opens the directory
+    store, as it always has; ``open_voice_store`` picks a backend from the server config."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> VoiceStore:
+        if cls is VoiceStore:  # the interface named directly: the default backend
+            cls = DirectoryVoiceStore
+        return super().__new__(cls)
+
+    def __init__(self, model_fingerprint: str, *, max_voices: int, cache_bytes: int) -> None:
+        if max_voices < 1:
+            raise ValueError("max_voices must be >= 1")
+        if cache_bytes < 0:
+            raise ValueError("voice_cache_bytes must be >= 0")
         self.fingerprint = model_fingerprint
         self.max_voices = max_voices
         self.cache_bytes = cache_bytes
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the voices live (a directory, a Redis URL without its password), for logs."""
+
+    @abc.abstractmethod
+    def find_by_request(self, req_hash: str) -> VoiceRecord | None:
+        """The voice an identical request made before (``request_hash``), if any."""
+
+    @abc.abstractmethod
+    def create(
+        self,
+        prompt: VoiceClonePrompt,
+        *,
+        display_name: str,
+        ref_audio_seconds: float,
+        req_hash: str,
+        notes: list[str],
+    ) -> VoiceRecord:
+        """Save a voice under a fresh id, atomically (all of it or nothing). A voice made
+        from the same request already returns that voice; ``CapacityError`` at
+        ``max_voices``, ``StoreFullError`` when the backend has no room."""
+
+    @abc.abstractmethod
+    def get(self, voice_id: str) -> VoiceRecord:
+        """The record of a voice (``NotFoundError`` if there is none)."""
+
+    def has(self, voice_id: str) -> bool:
+        try:
+            self.get(voice_id)
+        except NotFoundError:
+            return False
+        return True
+
+    @abc.abstractmethod
+    def list(self) -> list[VoiceRecord]:
+        """Every voice of this model, oldest first."""
+
+    @abc.abstractmethod
+    def prompt(self, voice_id: str) -> VoiceClonePrompt:
+        """The clone prompt of a voice (``NotFoundError`` if there is none)."""
+
+    @abc.abstractmethod
+    def delete(self, voice_id: str) -> None:
+        """Remove a voice (``NotFoundError`` if there is none)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def cached_bytes(self) -> int:
+        """Bytes of clone prompts held in memory."""
+
+    def close(self) -> None:
+        """Release connections (nothing to do for a directory). Safe to call twice."""
+        return None
+
+    def _new_record(
+        self,
+        voice_id: str,
+        prompt: VoiceClonePrompt,
+        *,
+        display_name: str,
+        ref_audio_seconds: float,
+        req_hash: str,
+        notes: Sequence[str],
+    ) -> VoiceRecord:
+        return VoiceRecord(
+            voice_id=voice_id,
+            display_name=display_name,
+            x_vector_only=prompt.x_vector_only,
+            ref_text=prompt.ref_text or "",
+            ref_audio_seconds=float(ref_audio_seconds),
+            created_unix_ms=int(time.time() * 1000),
+            model_fingerprint=self.fingerprint,
+            request_hash=req_hash,
+            notes=list(notes),
+        )
+
+
+class DirectoryVoiceStore(VoiceStore):
+    """Voices as files in one directory (module docstring), for one server process."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], model_fingerprint: str, *, max_voices: int, cache_bytes: int
+    ):
+        super().__init__(model_fingerprint, max_voices=max_voices, cache_bytes=cache_bytes)
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._root_resolved = self.root.resolve()
         self._lock = threading.Lock()
         self._records: dict[str, VoiceRecord] = {}
         self._by_request: dict[str, str] = {}
-        self._cache: collections.OrderedDict[str, VoiceClonePrompt] = collections.OrderedDict()
-        self._cached_bytes = 0
+        self._cache = PromptLru(cache_bytes)
         self._load_records()
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     # ------------------------------------------------------------------ paths
 
@@ -163,10 +341,7 @@ class VoiceStore:
             if not is_valid_voice_id(voice_id):
                 continue
             try:
-                data = json.loads(rec_path.read_text(encoding="utf-8"))
-                if data.get("format") != RECORD_FORMAT:
-                    raise ValueError(f"unknown format {data.get('format')!r}")
-                rec = VoiceRecord(**data)
+                rec = record_from_json(json.loads(rec_path.read_text(encoding="utf-8")))
             except (OSError, ValueError, TypeError) as e:
                 log.warning("ignoring unreadable voice record %s: %s", rec_path, e)
                 continue
@@ -203,27 +378,22 @@ class VoiceStore:
             if existing is not None:
                 return self._records[existing]
             if len(self._records) >= self.max_voices:
-                raise CapacityError(
-                    f"the voice store holds its limit of {self.max_voices} voices (max_voices); delete some first"
-                )
+                raise capacity_error(self.max_voices)
             voice_id = new_voice_id()
             while voice_id in self._records or not is_valid_voice_id(voice_id):
                 voice_id = new_voice_id()
-            rec = VoiceRecord(
-                voice_id=voice_id,
+            rec = self._new_record(
+                voice_id,
+                prompt,
                 display_name=display_name,
-                x_vector_only=prompt.x_vector_only,
-                ref_text=prompt.ref_text or "",
-                ref_audio_seconds=float(ref_audio_seconds),
-                created_unix_ms=int(time.time() * 1000),
-                model_fingerprint=self.fingerprint,
-                request_hash=req_hash,
-                notes=list(notes),
+                ref_audio_seconds=ref_audio_seconds,
+                req_hash=req_hash,
+                notes=notes,
             )
             self._save(voice_id, prompt, rec)
             self._records[voice_id] = rec
             self._by_request[req_hash] = voice_id
-            self._remember(voice_id, prompt)
+            self._cache.put(voice_id, prompt)
             return rec
 
     def _save(self, voice_id: str, prompt: VoiceClonePrompt, rec: VoiceRecord) -> None:
@@ -231,7 +401,7 @@ class VoiceStore:
         left behind: ``_atomic_write`` removes its temp file, and a prompt already in place
         are removed here (a prompt would otherwise wait for the next start as an orphan)."""
         prompt_path, record_path = self._path(voice_id, ".safetensors"), self._path(voice_id, ".json")
-        body = json.dumps(asdict(rec), indent=1).encode()
+        body = record_to_json(rec)
         try:
             _atomic_write(prompt_path, prompt.save)
             _atomic_write(record_path, lambda p: p.write_bytes(body))
@@ -252,7 +422,7 @@ class VoiceStore:
         with self._lock:
             rec = self._records.get(voice_id)
         if rec is None:
-            raise NotFoundError(f"voice '{voice_id[:80]}' not found")
+            raise not_found(voice_id)
         return rec
 
     def has(self, voice_id: str) -> bool:
@@ -267,27 +437,24 @@ class VoiceStore:
         """The clone prompt of a voice (from memory, or read from disk once)."""
         with self._lock:
             if voice_id not in self._records:
-                raise NotFoundError(f"voice '{voice_id[:80]}' not found")
+                raise not_found(voice_id)
             cached = self._cache.get(voice_id)
             if cached is not None:
-                self._cache.move_to_end(voice_id)
                 return cached
             path = self._path(voice_id, ".safetensors")
         prompt = VoiceClonePrompt.load(path)  # outside the lock: disk I/O
         with self._lock:
             if voice_id in self._records:
-                self._remember(voice_id, prompt)
+                self._cache.put(voice_id, prompt)
         return prompt
 
     def delete(self, voice_id: str) -> None:
         with self._lock:
             rec = self._records.pop(voice_id, None)
             if rec is None:
-                raise NotFoundError(f"voice '{voice_id[:80]}' not found")
+                raise not_found(voice_id)
             self._by_request.pop(rec.request_hash, None)
-            dropped = self._cache.pop(voice_id, None)
-            if dropped is not None:
-                self._cached_bytes -= dropped.nbytes()
+            self._cache.drop(voice_id)
             self._path(voice_id, ".json").unlink(missing_ok=True)  # the record first: gone from now on
             _fsync_dir(self.root)
             self._path(voice_id, ".safetensors").unlink(missing_ok=True)
@@ -299,19 +466,28 @@ class VoiceStore:
     @property
     def cached_bytes(self) -> int:
         with self._lock:
-            return self._cached_bytes
+            return self._cache.nbytes
 
-    # ------------------------------------------------------------------ cache (lock held)
 
-    def _remember(self, voice_id: str, prompt: VoiceClonePrompt) -> None:
-        if voice_id in self._cache:
-            self._cache.move_to_end(voice_id)
-            return
-        size = prompt.nbytes()
-        if size > self.cache_bytes:
-            return
-        self._cache[voice_id] = prompt
-        self._cached_bytes += size
-        while self._cached_bytes > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes()
+def open_voice_store(config: ServerConfig, model_fingerprint: str) -> VoiceStore:
+    """The voice store the server config names: ``voices_url`` (``redis://``,
+    ``rediss://``, ``unix://``) for the shared Redis store, else the directory
+    ``voices_dir``."""
+    if config.voices_url:
+        from qwen3tts_rt.server.voice_store_redis import RedisVoiceStore
+
+        return RedisVoiceStore(
+            config.voices_url,
+            model_fingerprint,
+            max_voices=config.max_voices,
+            cache_bytes=config.voice_cache_bytes,
+            key_prefix=config.redis_key_prefix,
+            timeout_s=config.redis_timeout_s,
+            max_connections=config.redis_max_connections,
+        )
+    return DirectoryVoiceStore(
+        config.voices_dir,
+        model_fingerprint,
+        max_voices=config.max_voices,
+        cache_bytes=config.voice_cache_bytes,
+    )
