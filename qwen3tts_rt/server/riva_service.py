@@ -1,5 +1,6 @@
 """``nvidia.riva.tts.RivaSpeechSynthesis``, so that stock Riva clients (the
-``nvidia-riva-client`` package, its ``talk.py``) work against this server unchanged.
+``nvidia-riva-client`` package, its ``talk.py``, Pipecat's and LiveKit's NVIDIA TTS
+classes) work against this server unchanged.
 
 The messages and the servicer base come from the installed ``nvidia-riva-client``
 package's compiled protos (same names and field numbers by construction). Mapping:
@@ -12,11 +13,22 @@ package's compiled protos (same names and field numbers by construction). Mappin
   raw LINEAR_PCM prompts use ``zero_shot_data.sample_rate_hz``.
 * ``language_code`` (BCP-47 like ``en-US``, or a model language name, or ``auto``)
   -> the model's languages.
-* ``encoding`` LINEAR_PCM (16-bit), MULAW, ALAW at ``sample_rate_hz``.
-* ``custom_configuration``: ``instruct`` (VoiceDesign / style), ``seed``.
-* ``SynthesizeOnline``: the first request carries the settings; every request's text is
-  a delta of one text (old one-request clients send just one); the end of the client's
-  stream ends the text.
+* ``encoding`` LINEAR_PCM (16-bit), MULAW, ALAW at ``sample_rate_hz`` (any rate of
+  ``SUPPORTED_OUTPUT_RATES``: 8, 11.025, 12, 16, 22.05, 24, 32, 44.1, 48 kHz).
+* ``custom_configuration`` (``key:value,...`` in the stock clients):
+  ``instruct`` (VoiceDesign / style), ``seed``, ``non_streaming_mode`` (``true``/``false``:
+  the layout; default for ``Synthesize``: the official default of the voice, true for
+  speakers and voice design, false for clones; for ``SynthesizeOnline``: false, speech
+  starts after the first words), ``raw_deltas`` (``true``: see below).
+* ``SynthesizeOnline``: the first request carries the settings; **each request's text is
+  one text** (as the stock client documents a multi-text ``synthesize_online``), and the
+  texts are spoken as one utterance, joined as separate pieces: a space goes between two
+  texts where neither side has whitespace, except between two CJK characters (Chinese
+  and Japanese put no space between sentences). So Pipecat's stitched mode (stripped
+  sentences, long ones cut at whitespace) is spoken with its word boundaries, and equals
+  the same text sent whole. ``raw_deltas:true`` concatenates the texts as they are, for
+  clients that stream LLM deltas through Riva. The end of the client's stream ends the
+  text.
 """
 
 from __future__ import annotations
@@ -30,12 +42,13 @@ import grpc
 import numpy as np
 
 from qwen3tts_rt.audio import is_audio_file
+from qwen3tts_rt.engine.text import has_speech
 from qwen3tts_rt.engine.voices import voice_prompt
-from qwen3tts_rt.errors import CapacityError, InvalidInputError, UnknownLanguageError, UnknownVoiceError
+from qwen3tts_rt.errors import CapacityError, InvalidInputError, UnknownLanguageError, UnknownVoiceError, echo
 from qwen3tts_rt.model.prompt import VoicePrompt
 from qwen3tts_rt.server.errors import grpc_errors
 from qwen3tts_rt.server.runtime import OutputFormat, Runtime, output_format
-from qwen3tts_rt.server.stream import AudioEvent, SpeechStream, has_speech
+from qwen3tts_rt.server.stream import AudioEvent, SpeechStream
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
 # Importing these registers nvidia.riva.* in the default descriptor pool (used by reflection).
@@ -81,10 +94,75 @@ def model_language(language_code: str, languages: list[str]) -> str:
     if lang is None or lang not in languages:
         known = ", ".join(LANGUAGE_CODES[x] for x in languages if x in LANGUAGE_CODES)
         raise UnknownLanguageError(
-            f"'{language_code}' is not a language of this model; use one of: {known} (or auto)",
+            f"{echo(language_code)} is not a language of this model; use one of: {known} (or auto)",
             field="language_code",
         )
     return lang
+
+
+# custom_configuration keys (besides instruct and seed)
+RAW_DELTAS = "raw_deltas"
+NON_STREAMING_MODE = "non_streaming_mode"
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _no_space_char(ch: str) -> bool:
+    """Characters of scripts written without spaces between words and sentences, and
+    their full-width punctuation: CJK ideographs, kana, CJK symbols, full-width forms.
+    (Hangul is not among them: Korean puts spaces between words.)"""
+    o = ord(ch)
+    return (
+        0x2E80 <= o <= 0x2FDF  # CJK radicals
+        or 0x3000 <= o <= 0x30FF  # CJK symbols and punctuation, hiragana, katakana
+        or 0x31F0 <= o <= 0x31FF  # katakana extensions
+        or 0x3400 <= o <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= o <= 0x9FFF  # CJK unified ideographs
+        or 0xF900 <= o <= 0xFAFF  # CJK compatibility ideographs
+        or 0xFF00 <= o <= 0xFFEF  # half-width and full-width forms
+        or 0x20000 <= o <= 0x3FFFF  # CJK extensions B and later
+    )
+
+
+def piece_separator(before: str, text: str) -> str:
+    """What goes between the text sent so far (``before``) and the next request's
+    ``text``: a space where neither side has whitespace at the seam, nothing between two
+    CJK characters, nothing at the start."""
+    if not before or not text or before[-1].isspace() or text[0].isspace():
+        return ""
+    if _no_space_char(before[-1]) and _no_space_char(text[0]):
+        return ""
+    return " "
+
+
+class TextJoiner:
+    """The text of a ``SynthesizeOnline`` stream, request by request: each request's text
+    is a piece of its own (``piece_separator``), or, with ``raw``, a raw delta."""
+
+    def __init__(self, *, raw: bool = False) -> None:
+        self.raw = raw
+        self._last = ""  # the last character pushed so far
+        self.chars = 0  # characters pushed, separators included
+
+    def piece(self, text: str) -> str:
+        """The delta to push for one request's text."""
+        if not text:
+            return ""
+        delta = text if self.raw else piece_separator(self._last, text) + text
+        self._last = delta[-1]
+        self.chars += len(delta)
+        return delta
+
+
+def _custom_bool(req: rtts.SynthesizeSpeechRequest, key: str) -> bool | None:
+    raw = req.custom_configuration.get(key)
+    if raw is None:
+        return None
+    value = _BOOLS.get(raw.strip().lower())
+    if value is None:
+        raise InvalidInputError(
+            f"'{raw[:40]}' is not a boolean; use true or false", field=f"custom_configuration.{key}"
+        )
+    return value
 
 
 def riva_output_format(req: rtts.SynthesizeSpeechRequest) -> OutputFormat:
@@ -145,11 +223,17 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
             return await rt.named_voice(voices[0].voice_id, field="voice_name", instruct=instruct)
         return voice_prompt(ckpt, instruct=instruct)  # VoiceDesign
 
-    async def _stream(self, req: rtts.SynthesizeSpeechRequest, started: float) -> SpeechStream:
+    async def _stream(
+        self, req: rtts.SynthesizeSpeechRequest, started: float, *, whole_text: bool
+    ) -> SpeechStream:
+        """Open the session of a request. Layout: ``custom_configuration`` non_streaming_mode
+        if given, else for a whole text (unary Synthesize) the official default of the voice,
+        else dual-track."""
         rt = self.rt
         rt.check_ready()
         fmt = riva_output_format(req)
         language = model_language(req.language_code, rt.checkpoint.config.languages)
+        non_streaming = _custom_bool(req, NON_STREAMING_MODE)
         voice = await self._voice(req)
         seed = None
         if "seed" in req.custom_configuration:
@@ -157,8 +241,12 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
                 seed = int(req.custom_configuration["seed"])
             except ValueError:
                 raise InvalidInputError("must be an integer", field="custom_configuration.seed") from None
+        if non_streaming is None:
+            non_streaming = rt.official_non_streaming_default(voice) if whole_text else False
         params = rt.sampling(pb.SamplingParams(), prefix="")
-        session = rt.open_session(voice, language, params, seed=seed, prefix="")
+        session = rt.open_session(
+            voice, language, params, seed=seed, non_streaming_mode=non_streaming, prefix=""
+        )
         return SpeechStream(session, fmt, api=API, started_at=started)
 
     def _check_text(self, text: str, *, allow_empty: bool = False) -> None:
@@ -179,7 +267,7 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
         self, request: rtts.SynthesizeSpeechRequest, context: grpc.aio.ServicerContext
     ) -> rtts.SynthesizeSpeechResponse:
         self._check_text(request.text)
-        stream = await self._stream(request, time.perf_counter())
+        stream = await self._stream(request, time.perf_counter(), whole_text=True)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -214,22 +302,22 @@ class RivaSpeechSynthesisServicer(rtts_grpc.RivaSpeechSynthesisServicer):
         except StopAsyncIteration:
             return
         self._check_text(first.text, allow_empty=True)
-        stream = await self._stream(first, started)
-        stream.text(first.text)
-        total = len(first.text)
+        joiner = TextJoiner(raw=bool(_custom_bool(first, RAW_DELTAS)))
+        stream = await self._stream(first, started, whole_text=False)
+        stream.text(joiner.piece(first.text))
 
         async def read() -> None:
-            nonlocal total
+            limit = self.rt.config.max_synthesize_chars
             try:
                 async for req in requests:
-                    total += len(req.text)
-                    if total > self.rt.config.max_synthesize_chars:
+                    delta = joiner.piece(req.text)
+                    if joiner.chars > limit:
                         raise InvalidInputError(
-                            f"the stream's text exceeds {self.rt.config.max_synthesize_chars} characters "
-                            "(max_synthesize_chars)",
+                            f"the stream's text exceeds {limit} characters (max_synthesize_chars)",
                             field="text",
                         )
-                    stream.text(req.text)
+                    if delta:
+                        stream.text(delta)
                 stream.end()
             except asyncio.CancelledError:
                 raise
