@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,webrtc]"
+	$(BIN)/pip install -q -e ".[dev,webrtc,pipecat,livekit,ray]"
 	touch $@
 
 # Generated gRPC stubs (never edited, not committed): qwen3tts_rt/v1/*_pb2*.py
@@ -56,14 +56,16 @@ agent: venv
 # Debian packages the agent tests need: espeak-ng (spoken input) and chromium (a real WebRTC
 # peer, driven by playwright; no browser is downloaded). Installed only when missing.
 AGENT_BINS := espeak-ng chromium
+# redis-server: the Redis voice store and Ray Serve tests start their own on a free loopback port
+TEST_BINS := $(AGENT_BINS) redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 system-deps:
-	@missing=""; for b in $(AGENT_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	@missing=""; for b in $(TEST_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt)"; \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; } \
-			|| echo "could not install$$missing: the agent tests that need them will be skipped"; \
+			|| echo "could not install$$missing: the tests that need them will be skipped"; \
 	fi
 
 test: venv system-deps
@@ -107,3 +109,29 @@ bench-smoke: venv
 .PHONY: reliability
 reliability: venv
 	$(BIN)/python -m tests.reliability_report
+
+# --- scale-out (issue 15): the service as a Ray Serve application (docs/DEPLOY.md)
+# Starts a local Ray cluster and the application; clients use the proxy's gRPC port (9000) with
+# metadata "application: qwen3tts". Settings are name=value (RayAppConfig, ServerConfig, EngineConfig):
+# make ray-serve MODEL=checkpoints/tiny-base RAY_ARGS="num_gpus=0 num_cpus=1 num_replicas=2 voices_url=redis://127.0.0.1:6379/0"
+# On a GPU cluster: serve run deploy/ray_serve.yaml (or KubeRay, docs/DEPLOY.md).
+RAY_ARGS ?= num_gpus=0 num_cpus=1 num_replicas=1
+RAY_BENCH_ARGS ?= --preset tiny --direct-ingress
+.PHONY: ray-serve ray-bench
+ray-serve: venv
+	$(BIN)/python -m qwen3tts_rt.server.ray_app model=$(MODEL) $(RAY_ARGS)
+
+# First packet and inter-packet gaps through the Ray proxy vs the direct server (concurrency 1 and 8);
+# writes benchmarks/results/ray-<device>-<preset>-<date>/.
+ray-bench: venv
+	$(BIN)/python -m benchmarks.ray_bench $(RAY_BENCH_ARGS)
+
+# --- GPU readiness (issue 16): one run on the lent GPU machine (benchmarks/gpu_recipe.md)
+# gpu-wheels: the wheels that machine lacks, into .gpu-wheels/ (ignored; the device call carries it).
+# gpu-dry-run: the same script, stages and outputs on a CPU with the tiny preset (also in make test).
+.PHONY: gpu-wheels gpu-dry-run
+gpu-wheels: venv
+	bash benchmarks/fetch_gpu_wheels.sh
+
+gpu-dry-run: venv
+	bash benchmarks/gpu_run.sh --device cpu --preset tiny --work out/gpu-dry-run/work --out out/gpu-dry-run/out

@@ -55,6 +55,7 @@ from benchmarks.load import SENTENCES, UtteranceRecord, run_level, token_deltas
 from benchmarks.official import run_official
 from qwen3tts_rt.audio import write_wav
 from qwen3tts_rt.model.text_tokenizer import TextTokenizer
+from qwen3tts_rt.synthetic import synthetic_speech
 from qwen3tts_rt.v1 import tts_pb2 as pb
 from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
 
@@ -155,13 +156,9 @@ class ServerProcess:
 
 
 def reference_audio(seconds: float = 3.0) -> np.ndarray:
-    """A deterministic voice-like reference (a gliding harmonic tone with a little noise),
-    quantised to 16 bits as it travels in the WAV."""
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    f0 = 120 + 25 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    wav = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.6 + 0.4 * np.sin(2 * np.pi * 2.5 * t) ** 2)
-    wav = 0.3 * wav / np.abs(wav).max() + 0.005 * np.random.default_rng(6).standard_normal(t.shape)
+    """The synthetic reference voice, quantised to 16 bits as it travels in the WAV (so that
+    the official package and the server clone the very same samples)."""
+    wav = synthetic_speech(seconds, SAMPLE_RATE)
     pcm = np.clip(np.round(wav * 32767), -32768, 32767).astype(np.int16)
     return (pcm.astype(np.float32) / 32768).astype(np.float32)
 

@@ -19,8 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def _add_voice_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(sy)
     sy.add_argument("--out", required=True, help="output WAV (24 kHz mono 16-bit)")
     sy.add_argument("--codes-out", help="codec frames as int64 .npy [frames, 16]")
+    sy.add_argument(
+        "--non-streaming-mode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layout (official name): read the whole text before the first frame (yes) or dual-track, "
+        "one text token per frame (no); default: the official default for the voice "
+        "(yes for built-in speakers and voice design, no for clones)",
+    )
     st = sy.add_argument_group("streaming (through the streaming engine)")
     st.add_argument("--stream", action="store_true", help="feed the text in deltas like an LLM would")
     st.add_argument(
@@ -114,13 +122,31 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         "--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port; -1: off"
     )
     sv.add_argument(
+        "--openai-port",
+        type=int,
+        default=d.openai_port,
+        help="serve the OpenAI-compatible POST /v1/audio/speech over HTTP on this port (0 = any free); "
+        "default: off",
+    )
+    sv.add_argument("--openai-host", default=d.openai_host, help="listen address of --openai-port")
+    sv.add_argument(
         "--voices-dir", type=Path, default=default_voices_dir(), help="voice store (default: %(default)s)"
     )
-    sv.add_argument("--max-sessions", type=int, default=d.max_sessions, help="live streams at most")
+    sv.add_argument(
+        "--voices",
+        metavar="DIR_OR_URL",
+        help="voice store: a directory, or redis://[:password@]host:port/db (rediss://, unix://) for one "
+        "Redis store shared by several servers (Ray Serve replicas); overrides --voices-dir",
+    )
+    sv.add_argument("--redis-key-prefix", default=d.redis_key_prefix, help="Redis voice store key prefix")
+    sv.add_argument(
+        "--redis-timeout", type=float, default=d.redis_timeout_s, help="Redis connect/command timeout (s)"
+    )
+    sv.add_argument("--max-sessions", type=int, default=d.engine.max_sessions, help="live streams at most")
     sv.add_argument(
         "--max-utterance-chars",
         type=int,
-        default=d.max_utterance_chars,
+        default=d.engine.max_utterance_chars,
         help="text of one utterance, between flushes (default: %(default)s)",
     )
     sv.add_argument(
@@ -139,14 +165,69 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sv.add_argument(
         "--max-buffered-packets",
         type=int,
-        default=d.max_buffered_packets,
+        default=d.engine.max_buffered_packets,
         help="unread packets per stream before its generation pauses (default: %(default)s)",
     )
     sv.add_argument(
         "--max-pending-utterances",
         type=int,
-        default=d.max_pending_utterances,
+        default=d.engine.max_pending_utterances,
         help="utterances one stream may queue with flushes (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-utterance-key-chars",
+        type=int,
+        default=d.max_utterance_key_chars,
+        help="utterance keys and flush client ids (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=d.stream_idle_timeout_s,
+        help="seconds a stream may neither send nor receive anything (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-stream-duration",
+        type=float,
+        default=d.max_stream_duration_s,
+        help="seconds a stream may stay open (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--clone-workers",
+        type=int,
+        default=d.clone_workers,
+        help="threads decoding reference audio (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--io-workers", type=int, default=d.io_workers, help="voice-store I/O threads (default: %(default)s)"
+    )
+    fp = sv.add_argument_group("engine fast path (defaults: on for CUDA, off on CPU)")
+    fp.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None)
+    fp.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    fp.add_argument(
+        "--max-positions",
+        type=int,
+        default=d.engine.max_positions,
+        help="talker positions per slot in the static cache (default: %(default)s)",
+    )
+    fp.add_argument(
+        "--batch-buckets",
+        default="",
+        help="comma-separated batch sizes, e.g. 1,2,4,8,16 (default: powers of 2 up to --max-sessions)",
+    )
+    fp.add_argument("--attention", default=d.engine.attention, choices=["auto", "sdpa", "flash"])
+    fp.add_argument(
+        "--frame-cap-base",
+        type=int,
+        default=d.engine.frame_cap.base_frames,
+        help="frames an utterance may produce: base + per-token x text tokens (default: %(default)s)",
+    )
+    fp.add_argument("--frame-cap-per-token", type=int, default=d.engine.frame_cap.frames_per_token)
+    fp.add_argument(
+        "--eager-tokenizer",
+        action=argparse.BooleanOptionalAction,
+        default=d.engine.eager_tokenizer,
+        help="emit tokens inside an unfinished word / CJK run once provably final (default: on)",
     )
     sv.add_argument(
         "--max-voice-jobs",
@@ -161,20 +242,56 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         help="RPCs in flight, streams included (default: %(default)s)",
     )
     sv.add_argument(
-        "--first-packet-frames", type=int, default=d.first_packet_frames, help="default, 80 ms each"
+        "--max-unauthenticated-rpcs",
+        type=int,
+        default=d.max_unauthenticated_rpcs,
+        help="health calls (they need no token) in flight; at most half of --max-concurrent-rpcs "
+        "(default: %(default)s)",
     )
-    sv.add_argument("--packet-frames", type=int, default=d.packet_frames, help="default, 80 ms each")
+    sv.add_argument(
+        "--max-health-watches",
+        type=int,
+        default=d.max_health_watches,
+        help="health Watch streams among them (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--first-packet-frames", type=int, default=d.engine.first_packet_frames, help="default, 80 ms each"
+    )
+    sv.add_argument("--packet-frames", type=int, default=d.engine.packet_frames, help="default, 80 ms each")
     sv.add_argument("--default-voice", help="voice id or speaker for requests that name none (Riva clients)")
     sv.add_argument(
         "--auth-token",
         default=os.environ.get("QWEN3TTS_RT_TOKEN"),
         help="require this bearer token ($QWEN3TTS_RT_TOKEN)",
     )
+    sv.add_argument(
+        "--metrics-auth-token",
+        default=os.environ.get("QWEN3TTS_RT_METRICS_TOKEN"),
+        help="require 'Authorization: Bearer <this>' on /metrics ($QWEN3TTS_RT_METRICS_TOKEN; "
+        "may equal --auth-token; default: /metrics is open to whoever reaches --metrics-host)",
+    )
     sv.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key): serve TLS")
     sv.add_argument("--tls-key", type=Path, help="PEM private key")
     sv.add_argument("--grace", type=float, default=d.drain_grace_s, help="SIGTERM drain grace in seconds")
     sv.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up utterance")
     sv.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    r = d.ref_audio
+    g = sv.add_argument_group("reference audio: what decoding may allocate")
+    g.add_argument(
+        "--ref-audio-max-sample-rate",
+        type=int,
+        default=r.max_sample_rate,
+        help="input rate in Hz at most (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ref-audio-max-channels", type=int, default=r.max_channels, help="(default: %(default)s)"
+    )
+    g.add_argument(
+        "--ref-audio-max-decoded-bytes",
+        type=int,
+        default=r.max_decoded_bytes,
+        help="decoded samples (float32, all channels) at most; decoding stops past it (default: %(default)s)",
+    )
     g = sv.add_argument_group("reference audio from URLs (ref_audio_url; off by default)")
     g.add_argument(
         "--allow-ref-audio-urls",
@@ -225,6 +342,26 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sy.add_argument("--temperature", type=float)
     sy.add_argument("--max-new-tokens", type=int)
     sy.add_argument("--out", required=True, help="output WAV (16-bit mono)")
+    nx = sy.add_argument_group("more utterances on the same stream, each with its own voice (in order)")
+    nx.add_argument(
+        "--next-speaker",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("SPEAKER", "TEXT"),
+        dest="next",
+        type=str,
+        help="then say TEXT with this built-in speaker",
+    )
+    nx.add_argument(
+        "--next-voice",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("VOICE_ID", "TEXT"),
+        dest="next_voice",
+        help="then say TEXT with this stored voice",
+    )
 
     vo = sub.add_parser("voice", help="manage the server's stored voices")
     vsub = vo.add_subparsers(dest="voice_cmd", required=True)
@@ -273,7 +410,7 @@ def _voice(tts, a: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_make_checkpoint(a: argparse.Namespace) -> None:
-    from qwen3tts_rt.model.checkpoint import make_checkpoint
+    from qwen3tts_rt.model.fabricate import make_checkpoint
 
     out = make_checkpoint(a.out, preset=a.preset, kind=a.kind, seed=a.seed)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -286,12 +423,17 @@ def cmd_synth(a: argparse.Namespace) -> None:
     from qwen3tts_rt.api import Qwen3TTS
     from qwen3tts_rt.audio import write_wav
 
-    tts = Qwen3TTS.from_pretrained(a.model, dtype=a.dtype, device=a.device)
+    device, dtype = _auto_device(a.device, a.dtype)
+    tts = Qwen3TTS.from_pretrained(a.model, dtype=dtype, device=device)
     voice = _voice(tts, a)
+    if a.non_streaming_mode is None:
+        from qwen3tts_rt.model.prompt import default_non_streaming_mode
+
+        a.non_streaming_mode = default_non_streaming_mode(voice)
     if a.stream:
         _synth_stream(tts, voice, a)
         return
-    res = tts.synthesize(a.text, a.language, voice, **_sampling_kwargs(a))
+    res = tts.synthesize(a.text, a.language, voice, a.non_streaming_mode, **_sampling_kwargs(a))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_wav(a.out, res.wav, res.sample_rate)
     if a.codes_out:
@@ -299,7 +441,8 @@ def cmd_synth(a: argparse.Namespace) -> None:
     t = res.timings
     print(
         f"{a.out}: {res.frames.shape[0]} frames, {res.audio_seconds:.2f} s of audio at {res.sample_rate} Hz "
-        f"(finished by {res.finish.value}); first frame {t['first_frame_s'] * 1000:.0f} ms, "
+        f"(finished by {res.finish.value}, {'whole-text' if a.non_streaming_mode else 'dual-track'} layout); "
+        f"first frame {t['first_frame_s'] * 1000:.0f} ms, "
         f"total {t['total_s']:.2f} s, RTF {t['rtf']:.3f}"
     )
 
@@ -321,6 +464,7 @@ def _synth_stream(tts, voice, a: argparse.Namespace) -> None:  # type: ignore[no
             a.language,
             params,
             seed=seed,
+            non_streaming_mode=a.non_streaming_mode,
             first_packet_frames=a.first_packet_frames,
             packet_frames=a.packet_frames,
         )
@@ -382,7 +526,8 @@ def _synth_stream(tts, voice, a: argparse.Namespace) -> None:  # type: ignore[no
 def cmd_clone(a: argparse.Namespace) -> None:
     from qwen3tts_rt.api import Qwen3TTS
 
-    tts = Qwen3TTS.from_pretrained(a.model, dtype=a.dtype, device=a.device)
+    device, dtype = _auto_device(a.device, a.dtype)
+    tts = Qwen3TTS.from_pretrained(a.model, dtype=dtype, device=device)
     prompt = tts.create_voice_clone_prompt(a.ref_audio, a.ref_text, a.x_vector_only)
     prompt.save(a.out)
     mode = "x-vector only" if prompt.x_vector_only else f"ICL, {prompt.ref_codes.shape[0]} reference frames"  # type: ignore[union-attr]
@@ -403,12 +548,31 @@ def _auto_device(device: str, dtype: str) -> tuple[str, str]:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     import asyncio
+    import dataclasses
 
+    from qwen3tts_rt.engine.engine import EngineConfig
+    from qwen3tts_rt.engine.generation import FrameCap
     from qwen3tts_rt.server.app import serve
     from qwen3tts_rt.server.config import ServerConfig
 
     device, dtype = _auto_device(a.device, a.dtype)
     try:
+        buckets = tuple(int(b) for b in a.batch_buckets.split(",") if b.strip())
+        engine = EngineConfig(
+            max_sessions=a.max_sessions,
+            first_packet_frames=a.first_packet_frames,
+            packet_frames=a.packet_frames,
+            max_utterance_chars=a.max_utterance_chars,
+            max_buffered_packets=a.max_buffered_packets,
+            max_pending_utterances=a.max_pending_utterances,
+            frame_cap=FrameCap(a.frame_cap_base, a.frame_cap_per_token),
+            static_kv=a.static_kv,
+            cuda_graphs=a.cuda_graphs,
+            max_positions=a.max_positions,
+            batch_buckets=buckets,
+            attention=a.attention,
+            eager_tokenizer=a.eager_tokenizer,
+        )
         config = ServerConfig(
             model=a.model,
             device=device,
@@ -417,23 +581,37 @@ def cmd_serve(a: argparse.Namespace) -> None:
             port=a.port,
             metrics_host=a.metrics_host,
             metrics_port=None if a.metrics_port is not None and a.metrics_port < 0 else a.metrics_port,
-            voices_dir=a.voices_dir,
-            max_sessions=a.max_sessions,
-            max_utterance_chars=a.max_utterance_chars,
+            openai_host=a.openai_host,
+            openai_port=a.openai_port,
+            voices_dir=Path(a.voices) if a.voices and "://" not in a.voices else a.voices_dir,
+            voices_url=a.voices if a.voices and "://" in a.voices else None,
+            redis_key_prefix=a.redis_key_prefix,
+            redis_timeout_s=a.redis_timeout,
+            engine=engine,
             max_synthesize_chars=a.max_synthesize_chars,
             max_instruct_chars=a.max_instruct_chars,
             max_voices=a.max_voices,
-            max_buffered_packets=a.max_buffered_packets,
-            max_pending_utterances=a.max_pending_utterances,
             max_voice_jobs=a.max_voice_jobs,
             max_concurrent_rpcs=a.max_concurrent_rpcs,
-            first_packet_frames=a.first_packet_frames,
-            packet_frames=a.packet_frames,
+            max_unauthenticated_rpcs=a.max_unauthenticated_rpcs,
+            max_health_watches=a.max_health_watches,
+            ref_audio=dataclasses.replace(
+                ServerConfig().ref_audio,
+                max_sample_rate=a.ref_audio_max_sample_rate,
+                max_channels=a.ref_audio_max_channels,
+                max_decoded_bytes=a.ref_audio_max_decoded_bytes,
+            ),
             default_voice=a.default_voice,
             auth_token=a.auth_token or None,
+            metrics_auth_token=a.metrics_auth_token or None,
             tls_cert=a.tls_cert,
             tls_key=a.tls_key,
             drain_grace_s=a.grace,
+            max_utterance_key_chars=a.max_utterance_key_chars,
+            stream_idle_timeout_s=a.stream_idle_timeout,
+            max_stream_duration_s=a.max_stream_duration,
+            clone_workers=a.clone_workers,
+            io_workers=a.io_workers,
             warmup=not a.no_warmup,
             torch_threads=a.torch_threads,
             allow_ref_audio_urls=a.allow_ref_audio_urls,
@@ -493,7 +671,11 @@ def cmd_say(a: argparse.Namespace) -> None:
         cfg.sampling.max_new_tokens = a.max_new_tokens
     if a.seed is not None:
         cfg.seed = a.seed
-    res = say(stub, cfg, a.text, tokens_per_second=a.tokens_per_second, metadata=md, timeout=a.timeout)
+    more = [(pb.UtteranceOptions(speaker=name), text) for name, text in a.next]
+    more += [(pb.UtteranceOptions(voice_id=vid), text) for vid, text in a.next_voice]
+    res = say(
+        stub, cfg, a.text, tokens_per_second=a.tokens_per_second, metadata=md, timeout=a.timeout, more=more
+    )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_wav(a.out, res.pcm, res.sample_rate)
     print(format_say(res, a.out))
@@ -543,7 +725,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         COMMANDS[a.cmd](a)
