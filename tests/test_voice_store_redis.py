@@ -167,7 +167,8 @@ def test_create_get_list_delete(make_store: Callable[..., RedisVoiceStore]) -> N
     b = create(store, 2, name="Bob")
     assert is_valid_voice_id(a.voice_id) and len(a.voice_id) == 16 and a.voice_id != b.voice_id
     assert store.get(a.voice_id) == a and store.has(b.voice_id) and len(store) == 2
-    assert [r.voice_id for r in store.list()] == [a.voice_id, b.voice_id]  # oldest first
+    order = sorted([a, b], key=lambda r: (r.created_unix_ms, r.voice_id))  # oldest first, then by id
+    assert [r.voice_id for r in store.list()] == [r.voice_id for r in order]
     assert store.prompt(a.voice_id).content_hash() == fake_prompt(1).content_hash()
     assert create(store, 1, name="Alice") == a  # the same request: the same voice, computed once
     assert store.find_by_request("req-1") == a and store.find_by_request("nope") is None
@@ -205,7 +206,8 @@ def test_survives_a_server_restart(make_store: Callable[..., RedisVoiceStore]) -
     made = [create(first, i, name=f"v{i}") for i in range(3)]
     first.close()
     second = make_store()  # a new server process on the same database
-    assert second.list() == made
+    # list() is ordered by (creation ms, id): voices made in the same millisecond sort by id
+    assert second.list() == sorted(made, key=lambda r: (r.created_unix_ms, r.voice_id))
     for i, rec in enumerate(made):
         assert second.prompt(rec.voice_id).content_hash() == fake_prompt(i).content_hash()
 
@@ -319,7 +321,7 @@ def test_acknowledged_voices_survive_a_redis_kill_with_aof(tmp_path: Path) -> No
         srv.kill()
         srv.start()  # same directory: replays the AOF (on a new port)
         store = RedisVoiceStore(srv.url, "fp", max_voices=10, cache_bytes=0)
-        assert store.list() == made
+        assert store.list() == sorted(made, key=lambda r: (r.created_unix_ms, r.voice_id))
         assert store.prompt(made[4].voice_id).content_hash() == fake_prompt(4).content_hash()
         store.close()
 
