@@ -309,7 +309,7 @@ def test_cli_voice_say_and_sigterm_drain(
 
     out = tmp_path / "say.wav"
     said = _cli(
-        "say", "--addr", addr, "--voice", vid, "--text", "Hello from the command line.",
+        "say", "--addr", addr, f"--voice={vid}", "--text", "Hello from the command line.",  # ids may start with "-"
         "--tokens-per-second", "50", "--sample-rate", "16000", "--greedy", "--max-new-tokens", "10", "--out", str(out),
     )  # fmt: skip
     assert said.returncode == 0, said.stderr
@@ -332,7 +332,7 @@ def test_cli_voice_say_and_sigterm_drain(
         rest = collect(responses)
         assert rest.dones and rest.dones[-1].frames == 39
     assert proc.wait(30) == 0
-    deleted = _cli("voice", "delete", "--addr", addr, vid, timeout=30)
+    deleted = _cli("voice", "delete", "--addr", addr, "--", vid, timeout=30)
     assert deleted.returncode == 1 and "UNAVAILABLE" in deleted.stderr
 
 
