@@ -47,12 +47,13 @@ from riva.client.proto import riva_tts_pb2_grpc as rtts_grpc  # noqa: E402
 from qwen3tts_rt.server.ray_app import (  # noqa: E402
     APP_NAME,
     DEPLOYMENT_NAME,
-    GRPC_SERVICER_FUNCTIONS,
     REPLICA_METADATA_KEY,
     RayAppConfig,
     build_app,
     grpc_options,
+    patient_proxy_env,
 )
+from qwen3tts_rt.server.ray_proxy import GRPC_SERVICER_FUNCTIONS  # noqa: E402
 
 MD = (("application", APP_NAME),)
 REPLICAS = 2
@@ -101,6 +102,7 @@ def cluster(
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     t0 = time.monotonic()
+    patient_proxy_env()  # a loaded CI host starts the proxy's worker in more than Ray's 5 s
     try:
         ray.init(
             num_cpus=2,
@@ -217,6 +219,25 @@ def test_the_serve_run_config_deploys_as_written() -> None:
     assert opts["autoscaling_config"]["target_ongoing_requests"] == 12  # 0.75 * 16
     assert opts["graceful_shutdown_timeout_s"] == 30
     assert cfg.server.voices_url == "redis://qwen3tts-redis:6379/0" and cfg.server.device == "cuda"
+
+
+def test_the_proxy_imports_no_model_code() -> None:
+    """Every registration the proxy imports resolves without torch or numpy: the proxy
+    answers Serve's readiness check in seconds even on a loaded node (importing the model
+    code made a loaded host's proxy miss it, and Serve killed the proxy)."""
+    import subprocess
+    import sys
+
+    check = (
+        "import importlib, sys\n"
+        "from qwen3tts_rt.server.ray_proxy import GRPC_SERVICER_FUNCTIONS\n"
+        "for path in GRPC_SERVICER_FUNCTIONS:\n"
+        "    module, _, name = path.rpartition('.')\n"
+        "    assert callable(getattr(importlib.import_module(module), name)), path\n"
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_settings_are_checked() -> None:

@@ -42,6 +42,7 @@ import dataclasses
 import hmac
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -56,6 +57,7 @@ from grpc_health.v1 import health_pb2
 from qwen3tts_rt.engine.engine import EngineConfig
 from qwen3tts_rt.server import riva_service
 from qwen3tts_rt.server.config import ServerConfig
+from qwen3tts_rt.server.ray_proxy import GRPC_SERVICER_FUNCTIONS
 from qwen3tts_rt.v1 import tts_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -64,36 +66,8 @@ APP_NAME = "qwen3tts"
 DEPLOYMENT_NAME = "Qwen3TTS"
 REPLICA_METADATA_KEY = "qwen3tts-replica"
 TTS_SERVICE = pb.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
-GRPC_SERVICER_FUNCTIONS = [
-    "qwen3tts_rt.v1.tts_pb2_grpc.add_TextToSpeechServicer_to_server",
-    "qwen3tts_rt.server.ray_app.add_riva_servicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-# --------------------------------------------------------------------------- Riva's messages
-
-
-def _alias_riva_modules() -> None:
-    """The proxy pickles each request message to send it to a replica, by class and
-    module. The Riva package's generated classes name ``riva.proto.<x>_pb2`` as their
-    module, which exists only as ``riva.client.proto.<x>_pb2``: register it under both
-    names (in the proxy and in the replicas: both import this module)."""
-    prefix = "riva.client.proto."
-    for name, mod in list(sys.modules.items()):  # riva_service imported the ones it uses
-        if name.startswith(prefix) and name.endswith("_pb2"):
-            sys.modules.setdefault("riva.proto." + name[len(prefix) :], mod)
-
-
-_alias_riva_modules()
-
-
-def add_riva_servicer_to_server(servicer: Any, server: Any) -> None:
-    """The proxy's registration of the Riva service (a ``grpc_servicer_functions`` entry;
-    importing this module first makes Riva's messages picklable)."""
-    riva_service.add_to_server(servicer, server)
 
 
 # --------------------------------------------------------------------------- settings
@@ -493,6 +467,20 @@ def grpc_options(port: int, *, request_timeout_s: float | None = None) -> Any:
 
 # --------------------------------------------------------------------------- a local start
 
+#: Seconds Serve's controller waits for a new proxy actor to answer ``ready`` before it
+#: kills it as unhealthy. Ray's default (5 s) is shorter than starting a Python worker on
+#: a loaded host: the first proxy was killed before it ran and ``serve.start`` failed.
+PROXY_READY_TIMEOUT_S = 60.0
+_PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
+
+def patient_proxy_env() -> None:
+    """Give the proxy ``PROXY_READY_TIMEOUT_S`` to start, unless the environment already
+    says otherwise. Call before ``ray.init`` starts a local cluster: its processes (the
+    Serve controller among them) inherit this environment. A cluster joined by address
+    keeps its own setting (docs/DEPLOY.md)."""
+    os.environ.setdefault(_PROXY_READY_ENV, str(PROXY_READY_TIMEOUT_S))
+
 
 def main(argv: list[str] | None = None) -> int:
     """Start a Ray cluster here (or join ``--address``), the proxy on ``--grpc-port`` and
@@ -529,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.address:
         ray.init(address=a.address)
     else:
+        patient_proxy_env()
         ray.init(num_cpus=a.num_cpus, include_dashboard=False)
     serve.start(
         http_options={"host": a.host, "port": a.http_port},
