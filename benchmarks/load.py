@@ -2,8 +2,9 @@
 rate into ``StreamSynthesize`` and timing what comes back.
 
 A client's utterance is one call: the config, then the deltas paced on an absolute schedule
-(delta ``i`` at ``first + i / rate``, so a slow loop does not stretch the text), then the
-half-close (end of text). Times are ``time.perf_counter()`` of this process.
+(delta ``i`` at ``first + i / rate``, so a slow loop does not stretch the text; ``rate`` 0:
+all of them at once, as fast as the call takes them), then the half-close (end of text).
+Times are ``time.perf_counter()`` of this process.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class UtteranceRecord:
     last_sent: float | None = None
     arrivals: list[float] = field(default_factory=list)  # non-empty audio chunks
     samples: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # each chunk's sample_offset in the utterance
     pcm: bytearray | None = None  # kept when asked (PCM_S16LE)
     done: dict[str, Any] | None = None  # the utterance_done, as a dict
     ended: float | None = None
@@ -85,8 +87,9 @@ async def stream_utterance(
     keep_pcm: bool = False,
     timeout_s: float = 1800,
 ) -> UtteranceRecord:
-    """One StreamSynthesize call: config, the deltas at ``rate`` per second, half-close;
-    the responses are timed into ``rec``."""
+    """One StreamSynthesize call: config, the deltas at ``rate`` per second (0: all at
+    once), half-close; the responses are timed into ``rec`` (with each audio chunk's length
+    and ``sample_offset``: its frame range at the model's rate)."""
     if keep_pcm:
         rec.pcm = bytearray()
     rec.started = time.perf_counter()
@@ -114,6 +117,7 @@ async def stream_utterance(
             if kind == "audio" and resp.audio.audio:
                 rec.arrivals.append(time.perf_counter())
                 rec.samples.append(len(resp.audio.audio) // 2)
+                rec.offsets.append(resp.audio.sample_offset)
                 if rec.pcm is not None:
                     rec.pcm.extend(resp.audio.audio)
             elif kind == "utterance_done":

@@ -215,3 +215,161 @@ def ratio(a: float, b: float) -> float:
     if any(math.isnan(x) for x in (a, b)) or b == 0:
         return math.nan
     return a / b
+
+
+# ---------------------------------------------------------------------- packet policies
+
+
+def packet_frames(samples: Sequence[int], samples_per_frame: int) -> list[float]:
+    """Frames (80 ms each) per packet, from the samples each packet carried."""
+    return [n / samples_per_frame for n in samples]
+
+
+def observed_bounds(
+    offsets: Sequence[int], samples: Sequence[int], samples_per_frame: int
+) -> list[tuple[int, int]] | None:
+    """The frame ranges ``[start, end)`` of the packets an utterance arrived in, from each
+    packet's ``sample_offset`` and length; None unless they are whole frames, in order and
+    without a hole from frame 0 (what the engine sends at the model's rate)."""
+    if len(offsets) != len(samples) or not offsets:
+        return None
+    out: list[tuple[int, int]] = []
+    at = 0
+    for o, n in zip(offsets, samples):
+        if o != at or o % samples_per_frame or n % samples_per_frame or n <= 0:
+            return None
+        out.append((o // samples_per_frame, (o + n) // samples_per_frame))
+        at = o + n
+    return out
+
+
+def counter_delta(before: Mapping[str, Any], after: Mapping[str, Any], name: str) -> float:
+    """What counter sample ``name`` (e.g. ``x_total``) counted between two scrapes, summed
+    over its label sets; NaN when the second scrape does not have it."""
+    if name not in after:
+        return math.nan
+    return sum(v for _, v in after[name]) - sum(v for _, v in before.get(name, []))
+
+
+def decoder_cost(
+    before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "qwen3tts_"
+) -> dict[str, float]:
+    """The codec decoder's work between two scrapes, from the server's counters
+    ``<prefix>decoder_seconds_total``, ``decoded_frames_total`` and ``decoder_calls_total``:
+    seconds, frames, calls, ms per decoded frame and frames per call (NaN where missing)."""
+    secs = counter_delta(before, after, prefix + "decoder_seconds_total")
+    frames = counter_delta(before, after, prefix + "decoded_frames_total")
+    calls = counter_delta(before, after, prefix + "decoder_calls_total")
+    return {
+        "seconds": secs,
+        "frames": frames,
+        "calls": calls,
+        "ms_per_frame": 1000 * secs / frames if frames > 0 else math.nan,
+        "frames_per_call": frames / calls if calls > 0 else math.nan,
+    }
+
+
+def policy_table(levels: Sequence[Mapping[str, Any]]) -> str:
+    """One row per (packet policy, concurrency) of one text pace: ``levels`` are level
+    summaries (``benchmarks.concurrency.level_summary``) with a ``policy`` key."""
+    head = (
+        "| policy | concurrency | utterances | first packet p50 / p90 / p99 (ms) | RTF compute p50 "
+        "| RTF wall p50 | underruns (streams with any) | stall per utterance p50 / max (ms) "
+        "| packets per utterance p50 | frames per packet, mean (client / server) "
+        "| decoder ms per frame | frames per decoder call |"
+    )
+    rows = [head, "|" + "---|" * 12]
+    for lv in levels:
+        fp, dec = lv["first_packet_ms"], lv.get("decoder") or {}
+        srv = lv.get("server_packet_frames_mean", math.nan)
+        rows.append(
+            f"| {lv['policy']} | {lv['concurrency']} | {lv['utterances']} "
+            f"| {fmt(fp['p50'])} / {fmt(fp['p90'])} / {fmt(fp['p99'])} "
+            f"| {fmt(lv['rtf_compute']['p50'], 3)} | {fmt(lv['rtf_wall']['p50'], 3)} "
+            f"| {lv['underruns']} ({lv['streams_with_underruns']}/{lv['utterances']}) "
+            f"| {fmt(lv['stall_ms']['p50'])} / {fmt(lv['stall_ms']['max'])} "
+            f"| {fmt(lv.get('packets_per_utterance', {}).get('p50', math.nan), 1)} "
+            f"| {fmt(lv.get('frames_per_packet_mean', math.nan), 2)} / {fmt(srv, 2)} "
+            f"| {fmt(dec.get('ms_per_frame', math.nan), 2)} | {fmt(dec.get('frames_per_call', math.nan), 2)} |"
+        )
+    return "\n".join(rows)
+
+
+def policy_ratio_rows(levels: Sequence[Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Per concurrency level, every other policy against ``reference`` (same text pace):
+    ratios of compute RTF p50, first packet p50 and p99, decoder ms per frame, and both
+    underrun counts. ``levels`` carry a ``policy`` key."""
+    ref = {lv["concurrency"]: lv for lv in levels if lv["policy"] == reference}
+    out = []
+    for lv in levels:
+        r = ref.get(lv["concurrency"])
+        if lv["policy"] == reference or r is None:
+            continue
+
+        def p(x: Mapping[str, Any], key: str, q: str = "p50") -> float:
+            return float(x[key][q])
+
+        out.append(
+            {
+                "concurrency": lv["concurrency"],
+                "policy": lv["policy"],
+                "reference": reference,
+                "ratio_rtf_compute": ratio(p(lv, "rtf_compute"), p(r, "rtf_compute")),
+                "ratio_first_packet_p50": ratio(p(lv, "first_packet_ms"), p(r, "first_packet_ms")),
+                "ratio_first_packet_p99": ratio(
+                    p(lv, "first_packet_ms", "p99"), p(r, "first_packet_ms", "p99")
+                ),
+                "ratio_decoder_ms_per_frame": ratio(
+                    (lv.get("decoder") or {}).get("ms_per_frame", math.nan),
+                    (r.get("decoder") or {}).get("ms_per_frame", math.nan),
+                ),
+                "underruns": [lv["underruns"], lv["streams_with_underruns"], lv["utterances"]],
+                "reference_underruns": [r["underruns"], r["streams_with_underruns"], r["utterances"]],
+                "stall_ms_p50": [p(lv, "stall_ms"), p(r, "stall_ms")],
+            }
+        )
+    return out
+
+
+def policy_ratio_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The markdown of ``policy_ratio_rows``."""
+    out = [
+        "| concurrency | policy / reference | RTF compute p50 | first packet p50 | first packet p99 "
+        "| decoder ms per frame | underruns (streams with any): policy / reference "
+        "| stall p50 (ms): policy / reference |",
+        "|" + "---|" * 8,
+    ]
+    for r in rows:
+        u, ru, st = r["underruns"], r["reference_underruns"], r["stall_ms_p50"]
+        out.append(
+            f"| {r['concurrency']} | {r['policy']} / {r['reference']} | {fmt(r['ratio_rtf_compute'], 2)} "
+            f"| {fmt(r['ratio_first_packet_p50'], 2)} | {fmt(r['ratio_first_packet_p99'], 2)} "
+            f"| {fmt(r['ratio_decoder_ms_per_frame'], 2)} "
+            f"| {u[0]} ({u[1]}/{u[2]}) / {ru[0]} ({ru[1]}/{ru[2]}) | {fmt(st[0])} / {fmt(st[1])} |"
+        )
+    return "\n".join(out)
+
+
+def pace_table(cells: Sequence[Mapping[str, Any]], paces: Sequence[str]) -> str:
+    """Underruns per (policy, concurrency) at each text pace: ``cells`` of ``{"policy",
+    "concurrency", "pace", "underruns", "streams_with_underruns", "utterances", "stall_ms"
+    (summary), "first_packet_ms" (summary)}``; ``paces`` the pace labels, in column order."""
+    head = "| policy | concurrency | " + " | ".join(
+        f"{p}: underruns (streams) / stall p50, max (ms) / first packet p50 (ms)" for p in paces
+    )
+    out = [head + " |", "|" + "---|" * (2 + len(paces))]
+    keys = list(dict.fromkeys((c["policy"], c["concurrency"]) for c in cells))
+    by = {(c["policy"], c["concurrency"], c["pace"]): c for c in cells}
+    for pol, n in keys:
+        row = f"| {pol} | {n} |"
+        for p in paces:
+            c = by.get((pol, n, p))
+            if c is None:
+                row += " n/a |"
+                continue
+            row += (
+                f" {c['underruns']} ({c['streams_with_underruns']}/{c['utterances']}) / "
+                f"{fmt(c['stall_ms']['p50'])}, {fmt(c['stall_ms']['max'])} / {fmt(c['first_packet_ms']['p50'])} |"
+            )
+        out.append(row)
+    return "\n".join(out)
