@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3tts_rt.engine.packets import POLICIES
 from qwen3tts_rt.errors import Qwen3TTSError
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
@@ -78,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--tokens-per-second", type=float, default=0.0, help="deltas per second; 0 = all at once")
     st.add_argument("--first-packet-frames", type=int, default=1)
-    st.add_argument("--packet-frames", type=int, default=1, help="frames (80 ms each) per packet")
+    st.add_argument(
+        "--packet-policy", choices=POLICIES, default="adaptive", help="later packets (default %(default)s)"
+    )
+    st.add_argument("--packet-frames", type=int, default=1, help="fixed: frames (80 ms each) per packet")
+    st.add_argument("--max-packet-frames", type=int, default=8, help="adaptive: the most frames per packet")
     st.add_argument("--quiet", action="store_true", help="summary only, no per-packet lines")
 
     cl = sub.add_parser("clone", help="compute a reusable voice clone prompt from reference audio")
@@ -257,7 +262,28 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sv.add_argument(
         "--first-packet-frames", type=int, default=d.engine.first_packet_frames, help="default, 80 ms each"
     )
-    sv.add_argument("--packet-frames", type=int, default=d.engine.packet_frames, help="default, 80 ms each")
+    sv.add_argument(
+        "--packet-policy",
+        choices=POLICIES,
+        default=d.engine.packet_policy,
+        help="later packets: adaptive (frames held back and decoded together while the listener is "
+        "ahead, up to --max-packet-frames) or fixed (--packet-frames each) (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--packet-frames", type=int, default=d.engine.packet_frames, help="fixed policy, 80 ms each"
+    )
+    sv.add_argument(
+        "--max-packet-frames",
+        type=int,
+        default=d.engine.max_packet_frames,
+        help="adaptive policy (default: 8)",
+    )
+    sv.add_argument(
+        "--packet-margin-s",
+        type=float,
+        default=d.engine.packet_margin_s,
+        help="adaptive: lead over playback kept beyond the packet being grown (default: %(default)s)",
+    )
     sv.add_argument("--default-voice", help="voice id or speaker for requests that name none (Riva clients)")
     sv.add_argument(
         "--auth-token",
@@ -336,7 +362,11 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     sy.add_argument("--tokens-per-second", type=float, default=20.0, help="text rate; 0 = all at once")
     sy.add_argument("--sample-rate", type=int, default=24000, help="output rate in Hz")
     sy.add_argument("--first-packet-frames", type=int, default=0, help="0 = server default")
-    sy.add_argument("--packet-frames", type=int, default=0, help="0 = server default")
+    sy.add_argument(
+        "--packet-frames", type=int, default=0, help="fixed packets of this size; 0 = server default"
+    )
+    sy.add_argument("--packet-policy", choices=POLICIES, help="default: the server's")
+    sy.add_argument("--max-packet-frames", type=int, default=0, help="adaptive bound; 0 = server default")
     sy.add_argument("--greedy", action="store_true")
     sy.add_argument("--seed", type=int)
     sy.add_argument("--temperature", type=float)
@@ -467,6 +497,8 @@ def _synth_stream(tts, voice, a: argparse.Namespace) -> None:  # type: ignore[no
             non_streaming_mode=a.non_streaming_mode,
             first_packet_frames=a.first_packet_frames,
             packet_frames=a.packet_frames,
+            packet_policy=a.packet_policy,
+            max_packet_frames=a.max_packet_frames,
         )
         step = max(a.text_chunk, 1)
         deltas = [a.text[i : i + step] for i in range(0, len(a.text), step)]
@@ -561,7 +593,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
         engine = EngineConfig(
             max_sessions=a.max_sessions,
             first_packet_frames=a.first_packet_frames,
+            packet_policy=a.packet_policy,
             packet_frames=a.packet_frames,
+            max_packet_frames=a.max_packet_frames,
+            packet_margin_s=a.packet_margin_s,
             max_utterance_chars=a.max_utterance_chars,
             max_buffered_packets=a.max_buffered_packets,
             max_pending_utterances=a.max_pending_utterances,
@@ -653,6 +688,8 @@ def cmd_say(a: argparse.Namespace) -> None:
         sample_rate_hz=a.sample_rate,
         first_packet_frames=a.first_packet_frames,
         packet_frames=a.packet_frames,
+        packet_policy=f"PACKET_POLICY_{(a.packet_policy or 'unspecified').upper()}",
+        max_packet_frames=a.max_packet_frames,
         instruct=a.instruct or "",
     )
     if a.voice:

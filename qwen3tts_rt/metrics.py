@@ -85,6 +85,17 @@ ENGINE_TICK = Histogram(
     "Duration of one engine tick (batched talker + code-predictor + decoder steps)",
     buckets=LATENCY_BUCKETS,
 )
+DECODER_SECONDS = Counter("qwen3tts_decoder_seconds", "Seconds spent in codec decoder calls")
+DECODED_FRAMES = Counter("qwen3tts_decoded_frames", "Codec frames decoded by those calls")
+DECODER_CALLS = Counter(
+    "qwen3tts_decoder_calls", "Codec decoder calls (one per batch of slots with the same frame count)"
+)
+PACKET_FRAMES = Histogram(
+    "qwen3tts_packet_frames",
+    "Codec frames (80 ms each) per audio packet the engine emitted",
+    ["api"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+)
 LIVE_SESSIONS = Gauge("qwen3tts_live_sessions", "Engine sessions open now")
 RPCS = Counter("qwen3tts_rpcs", "Finished RPCs by status code", ["service", "method", "code"])
 UTTERANCES = Counter("qwen3tts_utterances", "Finished utterances by reason", ["api", "reason"])
@@ -123,6 +134,13 @@ def observe_tick(batch_size: int, seconds: float) -> None:
     """Engine tick observer (called on the device worker thread)."""
     BATCH_SIZE.observe(batch_size)
     ENGINE_TICK.observe(seconds)
+
+
+def observe_decode(frames_per_slot: int, slots: int, seconds: float) -> None:
+    """Engine decoder-call observer (called on the device worker thread)."""
+    DECODER_SECONDS.inc(seconds)
+    DECODED_FRAMES.inc(frames_per_slot * slots)
+    DECODER_CALLS.inc()
 
 
 METRICS_PATH = "/metrics"

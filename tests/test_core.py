@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -33,6 +33,7 @@ from qwen3tts_rt.engine.core import (
     UtteranceOptions,
 )
 from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
+from qwen3tts_rt.engine.packets import PacketPolicy
 from qwen3tts_rt.engine.text import has_speech
 
 
@@ -95,29 +96,42 @@ class FakeBackend:
 
 
 def tick(table: SessionTable) -> bool:
-    moved = False
+    """One device-loop tick: a frame for each ready head, then the frames due decoded
+    (the fake decoder repeats each frame's value 4 times), then the ends."""
+    moved, finishing = False, []
     for u in table.runnable():
         g: FakeGen = u.handle
         if g.done():
-            table.on_finished(u, "eos")
-            moved = True
+            finishing.append(u)
         elif g.ready():
             i = g.frames
             token = g.ids[i] if i < len(g.ids) else -1
-            value = float(hash((g.voice, g.seed, token, i)) % 1000)  # same inputs, same audio
+            value = hash((g.voice, g.seed, token, i)) % 1000  # same inputs, same audio
             g.frames += 1
-            table.on_frame(u, np.full(4, value, np.float32), np.array([token, i]))
+            table.on_frame(u, np.array([token, i, value]))
             moved = True
-    return moved
+    for u, codes in table.to_decode(finishing):
+        table.on_decoded(u, np.repeat(codes[:, 2].astype(np.float32), 4))
+    for u in finishing:
+        table.on_finished(u, "eos")
+    return moved or bool(finishing)
 
 
-def spec(voice: str = "v", seed: int | None = 7, packet: int = 1, whole: bool = False) -> SessionSpec:
-    return SessionSpec(voice, "auto", "params", seed, packet, packet, whole)
+def spec(voice: str = "v", seed: int | None = 7, packet: int | str = 1, whole: bool = False) -> SessionSpec:
+    """``packet``: a fixed size, or "adaptive" (up to 3 frames, first packet 1)."""
+    if packet == "adaptive":
+        packets = PacketPolicy("adaptive", max_packet_frames=3)
+    else:
+        assert isinstance(packet, int)
+        packets = PacketPolicy("fixed", first_packet_frames=packet, packet_frames=packet)
+    return SessionSpec(voice, "auto", "params", seed, packets, whole)
 
 
-def make(slots: int = 2, **limits: int) -> SessionTable:
+def make(slots: int = 2, clock: Callable[[], float] | None = None, **limits: int) -> SessionTable:
+    """4 samples per frame at ``sample_rate=50``: 80 ms frames, as the real codec."""
+    kw = {} if clock is None else {"clock": clock}
     return SessionTable(
-        TableLimits(max_sessions=slots, **limits), FakeBackend(), CharTokenizer, sample_rate=4
+        TableLimits(max_sessions=slots, **limits), FakeBackend(), CharTokenizer, sample_rate=50, **kw
     )
 
 
@@ -293,10 +307,10 @@ COMMAND = st.one_of(
 @given(
     st.lists(st.tuples(st.integers(1, 3), COMMAND), max_size=60),
     st.integers(1, 3),
-    st.integers(1, 2),
+    st.sampled_from([1, 2, "adaptive"]),
 )
 def test_random_command_sequences_keep_every_rule(
-    commands: list[tuple[int, tuple[object, ...]]], slots: int, packet: int
+    commands: list[tuple[int, tuple[object, ...]]], slots: int, packet: int | str
 ) -> None:
     table = make(slots=slots, max_pending_utterances=6)
     outs: dict[int, Channel[EngineMessage]] = {}
@@ -344,8 +358,10 @@ def test_random_command_sequences_keep_every_rule(
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
-@given(st.integers(0, 40), st.integers(1, 2), st.booleans())
-def test_cancelling_one_utterance_leaves_the_others_byte_identical(at: int, packet: int, whole: bool) -> None:
+@given(st.integers(0, 40), st.sampled_from([1, 2, "adaptive"]), st.booleans())
+def test_cancelling_one_utterance_leaves_the_others_byte_identical(
+    at: int, packet: int | str, whole: bool
+) -> None:
     script: list[tuple[str, str]] = []
     for key in ("a", "b", "c"):
         script += [("begin", key), ("text", f"words of {key} "), ("tick", ""), ("text", "more"), ("tick", "")]
@@ -373,3 +389,90 @@ def test_cancelling_one_utterance_leaves_the_others_byte_identical(at: int, pack
     assert set(cancelled) - {1} == set(plain) - {1} == {0, 2}
     for uid in (0, 2):  # "a" and "c": same ids, same seeds, same audio
         assert cancelled[uid] == plain[uid]
+
+
+# ---------------------------------------------------------------------------- packets
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _packets_of(packet: int | str, step_s: float, text: str = "x" * 30, pace: int = 0) -> list[PcmPacket]:
+    """One utterance of ``text``, a tick every ``step_s`` seconds; ``pace`` > 0: the text
+    arrives one character per ``pace`` ticks after the first (else all at once)."""
+    clock = Clock()
+    table = make(slots=1, clock=clock)
+    out = open_session(table, 1, packet=packet)
+    sent = 1 if pace else len(text)
+    table.apply(Text(1, text[:sent]))
+    ended = False
+    for i in range(10_000):
+        if pace and sent < len(text) and i % pace == 0:
+            table.apply(Text(1, text[sent]))
+            sent += 1
+        if sent == len(text) and not ended:
+            table.apply(End(1))
+            ended = True
+        clock.now += step_s
+        tick(table)
+        if not table.sessions:
+            break
+    return [m for m in drain(out) if isinstance(m, PcmPacket)]
+
+
+def test_adaptive_packets_grow_while_the_listener_is_ahead_with_the_same_audio() -> None:
+    fixed = _packets_of(1, step_s=0.01)  # 8x faster than real time
+    grown = _packets_of("adaptive", step_s=0.01)
+    sizes = [p.frame_end - p.frame_start for p in grown]
+    assert sizes[0] == 1 and max(sizes) == 3 and len(grown) < len(fixed)
+    assert (
+        np.concatenate([p.pcm for p in grown]).tobytes() == np.concatenate([p.pcm for p in fixed]).tobytes()
+    )
+    assert [p.frame_start for p in grown[1:]] == [p.frame_end for p in grown[:-1]]
+
+
+def test_adaptive_packets_stay_one_frame_when_the_text_is_slow() -> None:
+    grown = _packets_of("adaptive", step_s=0.01, pace=3)  # the talker waits for each character
+    assert {p.frame_end - p.frame_start for p in grown[:-1]} == {1}
+
+
+def test_adaptive_packets_stay_small_when_just_in_time() -> None:
+    """A frame per 79 ms: the listener never gets far enough ahead to hold a frame."""
+    grown = _packets_of("adaptive", step_s=0.079)
+    assert {p.frame_end - p.frame_start for p in grown} == {1}
+
+
+def test_adaptive_packets_grow_when_the_stream_is_slower_than_real_time() -> None:
+    """A frame per 200 ms: the listener waits anyway; bigger packets cut the decoder cost."""
+    grown = _packets_of("adaptive", step_s=0.2)
+    sizes = [p.frame_end - p.frame_start for p in grown]
+    assert sizes[0] == 1 and sizes.count(3) >= len(sizes) - 3
+
+
+def test_a_stream_holding_as_many_frames_as_a_leaving_packet_joins_its_decoder_call() -> None:
+    clock = Clock()
+    table = make(slots=2, clock=clock)
+    outs = [open_session(table, sid, packet="adaptive") for sid in (1, 2)]
+    for sid in (1, 2):
+        table.apply(Text(sid, "x" * 20))
+    for _ in range(3):  # first packets out, then two frames held by each (the listener is ahead)
+        clock.now += 0.001
+        for u in table.runnable():
+            g: FakeGen = u.handle
+            table.on_frame(u, np.array([g.ids[g.frames], g.frames, 1]))
+            g.frames += 1
+        for u, codes in table.to_decode():
+            table.on_decoded(u, np.repeat(codes[:, 2].astype(np.float32), 4))
+        for s in table.sessions.values():
+            s.play_until = clock.now + 10.0  # far ahead: nothing is due
+    assert [len(s.utterances[0].pending_codes) for s in table.sessions.values()] == [2, 2]
+    assert table.to_decode() == []
+    table.sessions[1].play_until = clock.now  # session 1's listener has caught up: its 2 frames leave
+    due = table.to_decode()
+    assert sorted(u.sid for u, _ in due) == [1, 2] and {len(c) for _, c in due} == {2}
+    assert all(drain(out) for out in outs)

@@ -7,6 +7,7 @@ voice; sessions batched together must give exactly what each gives alone.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -72,6 +73,17 @@ def collect(s: Session, timeout: float = 60.0) -> tuple[list[PcmPacket], list[Ut
     return packets, done
 
 
+def assert_same_audio(packets: list[PcmPacket], wav: np.ndarray) -> None:
+    """The engine's audio is the one-frame-at-a-time decode of ``synthesize``: bit for bit
+    where every packet is one frame; where frames were decoded together (adaptive
+    packets), within float rounding of the batched convolutions and matmuls."""
+    pcm = np.concatenate([p.pcm for p in packets])
+    if all(p.frame_end - p.frame_start == 1 for p in packets):
+        np.testing.assert_array_equal(pcm, wav)
+    else:
+        np.testing.assert_allclose(pcm, wav, atol=1e-5, rtol=0)
+
+
 def feed(s: Session, pieces: list[str], rng: random.Random | None = None) -> None:
     for p in pieces:
         s.push_text(p)
@@ -106,13 +118,13 @@ def test_stream_equals_whole_text(voice, how, params, voices, engines) -> None: 
     packets, done = collect(s)
     codes = np.concatenate([p.codes for p in packets])
     np.testing.assert_array_equal(codes, ref.frames.numpy())
-    np.testing.assert_array_equal(np.concatenate([p.pcm for p in packets]), ref.wav)
+    assert_same_audio(packets, ref.wav)
     assert [d.reason for d in done] == [ref.finish.value]
     assert [p.seq for p in packets] == list(range(len(packets)))
     consumed = [p.chars_consumed for p in packets]
     assert consumed == sorted(consumed) and 0 < consumed[-1] <= len(text)
     n_tokens = len(ckpt.tokenizer.text_ids(text))
-    if len(packets) >= n_tokens:  # the talker has read the whole text
+    if packets[-1].frame_end >= n_tokens:  # the talker has read the whole text
         assert consumed[-1] == len(text)
 
 
@@ -241,6 +253,38 @@ def test_text_over_the_limit_fails_only_that_session(voices, ckpts) -> None:  # 
     finally:
         eng.shutdown()
         eng.shutdown()
+
+
+def test_fixed_one_frame_packets_are_bit_identical(voices, engines) -> None:  # type: ignore[no-untyped-def]
+    ckpt, vp = voices["custom"]
+    ref = synthesize(ckpt, vp, EN, "english", GREEDY)
+    s = engines["tiny-custom"].open_session(vp, "english", GREEDY, packet_policy="fixed", packet_frames=1)
+    feed(s, [EN])
+    packets, _ = collect(s)
+    assert {p.frame_end - p.frame_start for p in packets} == {1}
+    np.testing.assert_array_equal(np.concatenate([p.pcm for p in packets]), ref.wav)
+
+
+def test_adaptive_packets_grow_and_keep_the_audio(voices, engines) -> None:  # type: ignore[no-untyped-def]
+    """A stream far faster than real time (a clock that moves 1 ms per reading): after the
+    first 1-frame packet the listener gets ahead and packets grow, up to
+    ``max_packet_frames``; the frames are the whole-text ones and the audio their
+    one-frame decode."""
+    ckpt, vp = voices["custom"]
+    text = EN + " " + EN
+    ref = synthesize(ckpt, vp, text, "english", GREEDY)
+    ticks = itertools.count()
+    eng = Engine(ckpt, EngineConfig(max_sessions=1), clock=lambda: next(ticks) * 1e-3)  # 1 ms per reading
+    try:
+        s = eng.open_session(vp, "english", GREEDY, packet_policy="adaptive", max_packet_frames=4)
+        feed(s, [text])
+        packets, _ = collect(s)
+    finally:
+        eng.shutdown()
+    sizes = [p.frame_end - p.frame_start for p in packets]
+    assert sizes[0] == 1 and max(sizes) > 1 and max(sizes) <= 4, sizes
+    np.testing.assert_array_equal(np.concatenate([p.codes for p in packets]), ref.frames.numpy())
+    assert_same_audio(packets, ref.wav)
 
 
 def test_packet_sizes(voices, engines) -> None:  # type: ignore[no-untyped-def]

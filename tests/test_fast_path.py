@@ -428,7 +428,7 @@ def test_decoder_pool_equals_each_stream_alone(base: Checkpoint, emulate: bool) 
     pool = DecoderPool(dec, 4, FastPath(), CPU, torch.float32)
     pool.reset(2)
     pool.prime(2, ref_codes)
-    one = torch.cat([pool.step([2], codes[1, t : t + 1]) for t in range(6)], dim=1)
+    one = torch.cat([pool.step([2], codes[1:2, t : t + 1]) for t in range(6)], dim=1)
     assert torch.equal(one, alone[1])
     # static buckets (3 streams padded to 4), slots in any order
     fast = FastPath(static=True, emulate_graphs=emulate)
@@ -437,8 +437,47 @@ def test_decoder_pool_equals_each_stream_alone(base: Checkpoint, emulate: bool) 
     for s in slots:
         pool.reset(s)
     pool.prime(0, ref_codes)
-    out = torch.cat([pool.step(slots, codes[:, t]) for t in range(6)], dim=1)
+    out = torch.cat([pool.step(slots, codes[:, t : t + 1]) for t in range(6)], dim=1)
     torch.testing.assert_close(out, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_decoder_pool_with_mixed_packet_sizes_equals_one_frame_steps(base: Checkpoint, static: bool) -> None:
+    """Slots stepped t frames at a time, batched with the slots of the same t in each step
+    (as the engine groups them), one slot primed from a reference: the audio of every
+    slot equals its one-frame-at-a-time decode."""
+    dec = base.codec.decoder
+    q = dec.config.num_quantizers
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 2048, (3, 12, q), generator=gen)
+    ref_codes = torch.randint(0, 2048, (4, q), generator=gen)
+    layouts = {0: [1, 2, 1, 8], 2: [1, 3, 3, 5], 3: [1, 1, 8, 2]}  # slot -> packet sizes (12 frames)
+    row = {0: 0, 2: 1, 3: 2}
+    fast = FastPath(static=True) if static else FastPath()
+    ref = DecoderPool(dec, 4, FastPath(), CPU, torch.float32)
+    pool = DecoderPool(dec, 4, fast, CPU, torch.float32)
+    want = {}
+    for p in (ref, pool):
+        for slot in layouts:
+            p.reset(slot)
+        p.prime(2, ref_codes)
+    for slot in layouts:
+        want[slot] = torch.cat(
+            [ref.step([slot], codes[row[slot] : row[slot] + 1, i : i + 1]) for i in range(12)], 1
+        )
+    got: dict[int, list[torch.Tensor]] = {slot: [] for slot in layouts}
+    done = dict.fromkeys(layouts, 0)
+    for k in range(4):  # step k: every slot's k-th packet, grouped by size
+        by_t: dict[int, list[int]] = {}
+        for slot, sizes in layouts.items():
+            by_t.setdefault(sizes[k], []).append(slot)
+        for t, slots in by_t.items():
+            batch = torch.stack([codes[row[s], done[s] : done[s] + t] for s in slots])
+            for s, wav in zip(slots, pool.step(slots, batch)):
+                got[s].append(wav[None])
+                done[s] += t
+    for slot in layouts:
+        torch.testing.assert_close(torch.cat(got[slot], 1), want[slot], atol=1e-5, rtol=1e-5)
 
 
 # =============================================================================== engine
@@ -557,7 +596,7 @@ def test_captured_steps_never_read_the_host(
         idx = torch.tensor([0] * size)
         codes = torch.zeros(size, 1, ckpt.codec.decoder.config.num_quantizers, dtype=torch.long)
         with forbid_host_sync(monkeypatch):
-            pool._steps.steps[("decoder", size)](idx, codes)
+            pool._steps.steps[("decoder1", size)](idx, codes)
     # the detector works: the dynamic path reads lengths on the host
     dyn = FrameGenerator(ckpt.model, 4)
     ints, floats = dyn._pack(states[:2], 2, talker=True)

@@ -39,7 +39,8 @@ def ckpt(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def server(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = start_server(ckpt, tmp_path_factory.mktemp("voices"))
+    # bit-exact comparisons with one-frame decodes: fixed packets (adaptive: test_server_packets.py)
+    srv = start_server(ckpt, tmp_path_factory.mktemp("voices"), packet_policy="fixed")
     yield srv
     srv.stop()
 

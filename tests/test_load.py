@@ -255,7 +255,10 @@ def _unread_backlog(
 def backpressure_server(
     tiny_loaded: Callable[..., Checkpoint], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerThread]:
-    srv = start_server(tiny_loaded("base", 0), tmp_path_factory.mktemp("voices"), max_sessions=LIMIT)
+    # packets of one frame each: the backlog is counted in packets
+    srv = start_server(
+        tiny_loaded("base", 0), tmp_path_factory.mktemp("voices"), max_sessions=LIMIT, packet_policy="fixed"
+    )
     yield srv
     srv.stop()
 

@@ -44,12 +44,14 @@ def ckpt(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def server(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    # bit-exact comparisons with the gRPC API's audio: fixed packets (adaptive: test_server_packets.py)
     srv = start_server(
         ckpt,
         tmp_path_factory.mktemp("voices"),
         openai_port=0,
         auth_token=TOKEN,
         max_synthesize_chars=MAX_CHARS,
+        packet_policy="fixed",
     )
     yield srv
     srv.stop()

@@ -32,7 +32,10 @@ def ckpt(tiny_loaded: Callable[..., Checkpoint]) -> Checkpoint:
 
 @pytest.fixture(scope="module")
 def server(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    srv = start_server(ckpt, tmp_path_factory.mktemp("voices"), max_sessions=3, warmup=False)
+    # bit-exact comparisons with one-frame decodes: fixed packets (adaptive: test_server_packets.py)
+    srv = start_server(
+        ckpt, tmp_path_factory.mktemp("voices"), max_sessions=3, warmup=False, packet_policy="fixed"
+    )
     yield srv
     srv.stop()
 

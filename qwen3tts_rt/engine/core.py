@@ -12,7 +12,9 @@ session's output channel. It owns:
   (``engine/text.py``), incremental tokenization;
 * utterance identity: ids numbered from 0 per session, client keys, flush client ids;
   every message of an utterance carries both;
-* packetising of decoded frames (first packet / later packet sizes) and output
+* packetising: generated frames are held until the session's ``PacketPolicy``
+  (``engine/packets.py``) lets them go, then decoded together by the device loop
+  (``to_decode`` / ``on_decoded``); the listener's playback clock per session; output
   backpressure (a session with ``max_buffered_packets`` unread is not stepped);
 * ``UtteranceDone`` exactly once per utterance that had text or a name, strictly in
   utterance order (an utterance cancelled while queued reports after those before it).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +41,7 @@ import numpy as np
 
 from qwen3tts_rt.engine.channel import Channel
 from qwen3tts_rt.engine.messages import EngineMessage, PcmPacket, SessionClosed, SessionError, UtteranceDone
+from qwen3tts_rt.engine.packets import PacketPolicy
 from qwen3tts_rt.engine.text import clean_text, has_speech
 from qwen3tts_rt.errors import CapacityError, InvalidInputError, TextTooLongError
 
@@ -72,8 +76,7 @@ class SessionSpec:
     language: str
     params: Any
     seed: int | None
-    first_packet_frames: int
-    packet_frames: int
+    packets: PacketPolicy
     non_streaming_mode: bool = False
 
 
@@ -153,9 +156,10 @@ class Utterance:
     compute_s: float = 0.0
     frames: int = 0
     samples: int = 0
-    pending: list[np.ndarray] = field(default_factory=list)
-    pending_codes: list[np.ndarray] = field(default_factory=list)
+    pending_codes: list[np.ndarray] = field(default_factory=list)  # generated, not decoded yet
     pending_from: int = 0
+    # when its recent frames were generated (since it last waited for text): its pace
+    frame_times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=9))
     # generation ended (EOS / cap) before the text did: the slot is free, later text is not
     # spoken, and the utterance finishes with this reason when its text ends
     ended_early: str | None = None
@@ -178,6 +182,9 @@ class SessionState:
     utterances: collections.deque[Utterance] = field(default_factory=collections.deque)
     uids: itertools.count[int] = field(default_factory=itertools.count)
     seq: int = 0  # packet number within the session
+    # the listener's playback: when the audio sent so far ends if played from the first
+    # packet on without a gap (the table's clock; None before the first packet)
+    play_until: float | None = None
     closing: bool = False  # end of text: close once every utterance is done
     # the utterance text went to was cancelled by key: its later text is dropped until
     # the next begin / flush (numbering and seeds of later utterances stay as they were)
@@ -452,14 +459,11 @@ class SessionTable:
     def _finish(self, s: SessionState, u: Utterance, reason: str) -> None:
         if reason != "cancelled" and not u.text_ended:
             # generation ended before the text: free the slot now, report at the text's end
-            self._flush_packet(s, u)
+            self._drop_held(s, u, reason)
             self._release(u)
             u.ended_early = reason
             return
-        if reason != "cancelled":
-            self._flush_packet(s, u)
-        else:
-            u.pending, u.pending_codes = [], []
+        self._drop_held(s, u, reason)
         self._release(u)
         u.finish = reason
         if reason == "cap":
@@ -545,15 +549,66 @@ class SessionTable:
                 return True
         return False
 
-    def on_frame(self, u: Utterance, pcm: np.ndarray, codes: np.ndarray) -> None:
-        """A decoded frame of ``u``; packets leave at the session's packet sizes."""
-        s = self.sessions[u.sid]
-        u.pending.append(pcm)
+    def on_frame(self, u: Utterance, codes: np.ndarray) -> None:
+        """A generated frame of ``u`` (its codes): held until ``to_decode`` lets it go."""
         u.pending_codes.append(codes)
         u.frames += 1
-        want = s.spec.first_packet_frames if u.first_packet_at is None else s.spec.packet_frames
-        if len(u.pending) >= want:
-            self._flush_packet(s, u)
+        u.frame_times.append(self.clock())
+
+    def to_decode(self, finishing: Sequence[Utterance] = ()) -> list[tuple[Utterance, np.ndarray]]:
+        """The utterances whose held frames leave now, each with those frames' codes
+        [t, G]: the ones in ``finishing`` (generation ended: decode before
+        ``on_finished``) and the ones their session's packet policy lets go. The caller
+        decodes each and hands the audio to ``on_decoded``."""
+        now = self.clock()
+        ending = {id(u) for u in finishing}
+        due, held = [], []
+        for s in self.sessions.values():
+            u = s.utterances[0] if s.utterances else None
+            if u is None or not u.pending_codes or u.handle is None:
+                continue
+            text_waits = not u.text_ended and self.backend.consumed(u) >= len(u.ids)
+            if text_waits:
+                u.frame_times.clear()  # its pace restarts when text comes
+            times = list(u.frame_times)
+            interval = (
+                statistics.median(b - a for a, b in itertools.pairwise(times)) if len(times) > 2 else None
+            )
+            if id(u) in ending or s.spec.packets.flush(
+                len(u.pending_codes),
+                first=u.first_packet_at is None,
+                lead_s=(s.play_until - now) if s.play_until is not None else 0.0,
+                frame_interval_s=interval,
+                text_waits=text_waits,
+            ):
+                due.append((u, np.stack(u.pending_codes)))
+            elif s.spec.packets.policy == "adaptive" and u.first_packet_at is not None:
+                held.append(u)
+        # An adaptive stream that holds as many frames as a packet leaving now goes with it:
+        # the same decoder call (one batch per frame count), and sooner is never worse for
+        # its listener. Fewer calls per tick when many streams hold different counts.
+        sizes = {len(codes) for _, codes in due}
+        due += [(u, np.stack(u.pending_codes)) for u in held if len(u.pending_codes) in sizes]
+        return due
+
+    def on_decoded(self, u: Utterance, pcm: np.ndarray) -> None:
+        """The audio of every frame ``u`` held (from ``to_decode``): one packet."""
+        s = self.sessions.get(u.sid)
+        if s is not None:
+            self._flush_packet(s, u, pcm)
+
+    def _drop_held(self, s: SessionState, u: Utterance, reason: str) -> None:
+        """A cancel drops the frames held back; an end of generation finds none (the
+        device loop decodes them first: ``to_decode(finishing)``)."""
+        if u.pending_codes and reason != "cancelled":
+            log.error(
+                "session %d utterance %d ended (%s) with %d frames not decoded: dropped",
+                s.sid,
+                u.uid,
+                reason,
+                len(u.pending_codes),
+            )
+        u.pending_codes = []
 
     def on_finished(self, u: Utterance, reason: str) -> None:
         """Generation of ``u`` ended: 'eos' or 'cap'."""
@@ -561,10 +616,9 @@ class SessionTable:
         if s is not None and u.finish is None:
             self._guard(s, lambda: self._finish(s, u, reason))
 
-    def _flush_packet(self, s: SessionState, u: Utterance) -> None:
-        if not u.pending:
-            return
-        pcm = np.concatenate(u.pending)
+    def _flush_packet(self, s: SessionState, u: Utterance, pcm: np.ndarray) -> None:
+        n = len(u.pending_codes)
+        assert n, "a packet of no frames"
         now = self.clock()
         tokens = self.backend.consumed(u) if u.handle is not None else 0
         chars = u.token_ends[tokens - 1] if tokens else 0
@@ -575,7 +629,7 @@ class SessionTable:
                 seq=s.seq,
                 sample_offset=u.samples,
                 frame_start=u.pending_from,
-                frame_end=u.pending_from + len(u.pending),
+                frame_end=u.pending_from + n,
                 pcm=pcm,
                 codes=np.stack(u.pending_codes),
                 chars_consumed=chars,
@@ -585,7 +639,8 @@ class SessionTable:
         )
         if u.first_packet_at is None:
             u.first_packet_at = now
+        s.play_until = max(now, s.play_until or now) + len(pcm) / self.sample_rate
         s.seq += 1
         u.samples += len(pcm)
-        u.pending_from += len(u.pending)
-        u.pending, u.pending_codes = [], []
+        u.pending_from += n
+        u.pending_codes = []

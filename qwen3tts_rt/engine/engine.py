@@ -18,6 +18,7 @@ graphs captured by ``warmup()``): see ``EngineConfig`` and ``model/cuda_graphs.p
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import queue
@@ -43,6 +44,7 @@ from qwen3tts_rt.engine.generation import (
 )
 from qwen3tts_rt.engine.incremental_tokenizer import IncrementalTokenizer, merge_index
 from qwen3tts_rt.engine.messages import EngineMessage, SessionClosed, SessionError
+from qwen3tts_rt.engine.packets import PacketPolicy, PacketSettingError
 from qwen3tts_rt.engine.synth import new_utterance
 from qwen3tts_rt.errors import InvalidInputError, UnavailableError
 from qwen3tts_rt.model.checkpoint import Checkpoint
@@ -60,8 +62,15 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class EngineConfig:
     max_sessions: int = 16  # live sessions (each holds one talker KV slot)
-    first_packet_frames: int = 1  # frames in the first packet of an utterance
-    packet_frames: int = 1  # frames in each later packet
+    # Packets (engine/packets.py): the first packet of an utterance has first_packet_frames
+    # frames (80 ms each); later ones, 'fixed': packet_frames each; 'adaptive': frames are
+    # held back and decoded together (up to max_packet_frames) while the listener is ahead
+    # by more than the packet plus packet_margin_s, or waits anyway on a slow stream.
+    first_packet_frames: int = 1
+    packet_policy: str = "adaptive"
+    packet_frames: int = 1
+    max_packet_frames: int = 8
+    packet_margin_s: float = 0.25
     max_utterance_chars: int = 20_000  # text per utterance
     # Backpressure: a session with this many unread packets in its output channel is not
     # stepped until its client reads (memory per session stays bounded; the others go on).
@@ -85,10 +94,9 @@ class EngineConfig:
     attention: str = "auto"  # 'auto' (flash-attn when usable, else SDPA), 'sdpa' or 'flash'
 
     def validated(self) -> EngineConfig:
+        self.packets().validated()
         for name in (
             "max_sessions",
-            "first_packet_frames",
-            "packet_frames",
             "max_utterance_chars",
             "max_buffered_packets",
             "max_pending_utterances",
@@ -100,6 +108,16 @@ class EngineConfig:
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError("EngineConfig.batch_buckets must be positive")
         return self
+
+    def packets(self, frame_s: float = 0.08) -> PacketPolicy:
+        return PacketPolicy(
+            policy=self.packet_policy,
+            first_packet_frames=self.first_packet_frames,
+            packet_frames=self.packet_frames,
+            max_packet_frames=self.max_packet_frames,
+            margin_s=self.packet_margin_s,
+            frame_s=frame_s,
+        )
 
     @property
     def limits(self) -> TableLimits:
@@ -213,18 +231,28 @@ class _DeviceBackend:
 
 
 class Engine:
-    def __init__(self, ckpt: Checkpoint, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        config: EngineConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """``clock``: the session table's (latency stamps, the listener's playback that
+        adaptive packets follow); tests pass a deterministic one."""
         self.ckpt = ckpt
         self.config = (config or EngineConfig()).validated()
         self.fast = self.config.fast_path(ckpt.model.device)
         self._gen = FrameGenerator(ckpt.model, self.config.max_sessions, self.fast)
         codec = ckpt.codec
         self._dec = DecoderPool(codec.decoder, self.config.max_sessions, self.fast, codec.device, codec.dtype)
+        self._packets = self.config.packets(codec.decoder.samples_per_frame / codec.sample_rate).validated()
         self.table = SessionTable(
             self.config.limits,
             _DeviceBackend(self),
             lambda: IncrementalTokenizer(ckpt.tokenizer, eager=self.config.eager_tokenizer),
             sample_rate=codec.sample_rate,
+            clock=clock,
         )
         if self.config.eager_tokenizer:
             merge_index(ckpt.tokenizer)  # built once now, not on the device thread at the first text
@@ -239,6 +267,8 @@ class Engine:
         self._stop = threading.Event()
         # Observer called on the worker thread after each tick that moved: (batch size, seconds).
         self.on_tick: Callable[[int, float], None] | None = None
+        # Observer of each decoder call (frames per slot, slots, seconds), on the worker thread.
+        self.on_decode: Callable[[int, int, float], None] | None = None
         self._thread = threading.Thread(target=self._run, name="qwen3tts-device", daemon=True)
         self._thread.start()
 
@@ -278,21 +308,36 @@ class Engine:
         seed: int | None = None,
         first_packet_frames: int | None = None,
         packet_frames: int | None = None,
+        packet_policy: str | None = None,
+        max_packet_frames: int | None = None,
         non_streaming_mode: bool = False,
     ) -> Session:
         """Validate the request and open a session; raises InvalidInputError on bad
-        input and CapacityError when ``max_sessions`` sessions are live."""
+        input and CapacityError when ``max_sessions`` sessions are live. Packet settings
+        left None are the engine's; a ``packet_frames`` given without a policy asks for
+        fixed packets of that size."""
         check_voice(self.ckpt.model, voice)
         resolve_language(self.ckpt.model, language, voice.speaker)
         params = (params or SamplingParams.from_generation_config(self.ckpt.generation_config)).validated()
-        fp = self.config.first_packet_frames if first_packet_frames is None else first_packet_frames
-        pf = self.config.packet_frames if packet_frames is None else packet_frames
-        for name, v in (("first_packet_frames", fp), ("packet_frames", pf)):
-            if not 1 <= v <= 100:
-                raise InvalidInputError(f"{v} is out of range: 1 <= {name} <= 100", field=name)
+        if packet_policy is None and packet_frames is not None:
+            packet_policy = "fixed"
+        base = self._packets
+        packets = dataclasses.replace(
+            base,
+            policy=base.policy if packet_policy is None else packet_policy,
+            first_packet_frames=base.first_packet_frames
+            if first_packet_frames is None
+            else first_packet_frames,
+            packet_frames=base.packet_frames if packet_frames is None else packet_frames,
+            max_packet_frames=base.max_packet_frames if max_packet_frames is None else max_packet_frames,
+        )
+        try:
+            packets.validated()
+        except PacketSettingError as e:
+            raise InvalidInputError(str(e), field=e.setting) from None
         self._check_running()
         self.table.reserve()
-        spec = SessionSpec(voice, language, params, seed, fp, pf, non_streaming_mode)
+        spec = SessionSpec(voice, language, params, seed, packets, non_streaming_mode)
         s = Session(self, next(self._sids), spec)
         self._put(core.Open(s.id, spec, s.out))
         return s
@@ -313,9 +358,14 @@ class Engine:
         a bucket first met without it is captured then, stalling that tick. Nothing to do
         on the eager paths (CPU). Safe to call twice."""
 
+        p = self._packets
+        longest = max(
+            p.first_packet_frames, p.packet_frames, p.max_packet_frames if p.policy == "adaptive" else 1
+        )
+
         def capture() -> None:
             self._gen.warmup()
-            self._dec.warmup()
+            self._dec.warmup(range(1, longest + 1))
 
         fut = self.submit(capture)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -399,6 +449,35 @@ class Engine:
         except BaseException as e:  # handed to the caller
             fut.set_exception(e)
 
+    def _decode(self, due: list[tuple[Utterance, np.ndarray]], failed: dict[int, str]) -> None:
+        """Decode the held frames of ``due`` (codes [t, G] each) and hand each utterance its
+        packet; slots with the same t are decoded in one batched call."""
+        by_t: dict[int, list[tuple[Utterance, np.ndarray]]] = {}
+        for row in due:
+            by_t.setdefault(len(row[1]), []).append(row)
+
+        def decode(rows: list[tuple[Utterance, np.ndarray]]) -> list[np.ndarray]:
+            t0 = time.perf_counter()
+            codes = torch.from_numpy(np.stack([c for _, c in rows]))  # [n, t, G]
+            slots = [u.slot for u, _ in rows]
+            assert None not in slots
+            pcm = list(self._dec.step(slots, codes).float().cpu().numpy())  # type: ignore[arg-type]
+            if self.on_decode is not None:
+                self.on_decode(codes.shape[1], len(rows), time.perf_counter() - t0)
+            return pcm
+
+        def decode_failed(row: tuple[Utterance, np.ndarray], e: Exception) -> None:
+            log.error("decoding %d frames of slot %s failed", len(row[1]), row[0].slot, exc_info=e)
+            failed[row[0].sid] = f"decoding failed: {type(e).__name__}: {e}"
+
+        for rows in by_t.values():
+            for (u, _), pcm in run_isolated(rows, decode, decode_failed):
+                try:
+                    self.table.on_decoded(u, pcm)
+                except Exception as e:
+                    log.exception("emitting audio of session %d failed", u.sid)
+                    failed[u.sid] = f"emitting audio failed: {type(e).__name__}: {e}"
+
     def _tick(self) -> bool:
         """One generation tick over every runnable utterance; True if anything moved."""
         live = self.table.runnable()
@@ -416,22 +495,14 @@ class Engine:
             return True
         by_state = {id(u.handle): u for u in live}
         failed: dict[int, str] = {}  # session id -> message: faults of one session end only it
-
-        def decode(rows: list[tuple[UtteranceState, torch.Tensor]]) -> list[np.ndarray]:
-            frames = torch.stack([frame for _, frame in rows])  # [n, G]
-            return list(self._dec.step([st.slot for st, _ in rows], frames).float().cpu().numpy())
-
-        def decode_failed(row: tuple[UtteranceState, torch.Tensor], e: Exception) -> None:
-            log.error("decoding a frame of slot %d failed", row[0].slot, exc_info=e)
-            failed[by_state[id(row[0])].sid] = f"decoding failed: {type(e).__name__}: {e}"
-
-        for (st, frame), pcm in run_isolated(produced, decode, decode_failed):
-            u = by_state[id(st)]
-            try:
-                self.table.on_frame(u, pcm, frame.numpy().astype(np.int64))
-            except Exception as e:
-                log.exception("emitting audio of session %d failed", u.sid)
-                failed[u.sid] = f"emitting audio failed: {type(e).__name__}: {e}"
+        for st, frame in produced:
+            self.table.on_frame(by_state[id(st)], frame.numpy().astype(np.int64))
+        finishing = [
+            u
+            for u, st in zip(live, states)
+            if st.phase is Phase.DONE and st.finish is not None and st.finish is not FinishReason.ERROR
+        ]
+        self._decode(self.table.to_decode(finishing), failed)
         elapsed = time.perf_counter() - t0
         moved = bool(produced) or any(st.phase is not ph for st, ph in zip(states, phases))
         if moved:

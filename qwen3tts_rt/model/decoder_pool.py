@@ -1,10 +1,11 @@
 """Streaming decoder states for a pool of session slots, stepped as one batch.
 
 Each slot holds one stream's ``CodecDecoderState`` (row ``slot`` of pooled tensors; the
-last row is a scratch slot for padding). A step gathers the rows of the sessions that
-produced a frame, runs ``CodecDecoder.decode_step`` on them together and writes the new
-states back, in place: the pooled tensors are never reallocated, so the step can be
-captured as a CUDA graph per batch bucket (see ``cuda_graphs``).
+last row is a scratch slot for padding). A step gathers the rows of the sessions whose
+frames leave now, runs ``CodecDecoder.decode_step`` on them together (t frames per row,
+the same t for every row of one step) and writes the new states back, in place: the
+pooled tensors are never reallocated, so the step can be captured as a CUDA graph per
+(batch bucket, t) (see ``cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -64,28 +65,33 @@ class DecoderPool:
         self._step(idx, codes[None].to(self.device))
 
     @torch.inference_mode()
-    def step(self, slots: list[int], frames: torch.Tensor) -> torch.Tensor:
-        """One frame for each of ``slots``: frames [n, Q] -> waveform [n, samples_per_frame]."""
-        n = len(slots)
+    def step(self, slots: list[int], codes: torch.Tensor) -> torch.Tensor:
+        """The next t frames of each of ``slots``: codes [n, t, Q] -> waveform
+        [n, t * samples_per_frame]."""
+        n, t = len(slots), codes.shape[1]
         size = self.fast.bucket(n, self.slots)
         idx = torch.tensor(slots + [self.scratch] * (size - n), device=self.device)
-        codes = frames.to(self.device).view(n, 1, -1)
+        codes = codes.to(self.device)
         if size > n:
             codes = torch.cat([codes, codes.new_zeros((size - n, *codes.shape[1:]))])
         if not self.fast.captured:
             return self._step(idx, codes)[:n]
-        step = self._steps.get("decoder", size, self._step, lambda: self._example(size, codes.shape[-1]))
+        step = self._steps.get(
+            f"decoder{t}", size, self._step, lambda: self._example(size, t, codes.shape[-1])
+        )
         return step(idx, codes)[:n]
 
-    def _example(self, size: int, q: int) -> list[torch.Tensor]:
+    def _example(self, size: int, t: int, q: int) -> list[torch.Tensor]:
         idx = torch.full((size,), self.scratch, dtype=torch.long, device=self.device)
-        return [idx, torch.zeros((size, 1, q), dtype=torch.long, device=self.device)]
+        return [idx, torch.zeros((size, t, q), dtype=torch.long, device=self.device)]
 
     @torch.inference_mode()
-    def warmup(self) -> None:
-        """Capture the step of every bucket (no-op unless the steps are captured)."""
+    def warmup(self, frame_counts: range | list[int] = range(1, 2)) -> None:
+        """Capture the step of every bucket for each t in ``frame_counts`` (no-op unless the
+        steps are captured)."""
         if not self.fast.captured:
             return
         q = self.decoder.config.num_quantizers
-        for size in self.fast.bucket_list(self.slots):
-            self._steps.get("decoder", size, self._step, lambda s=size: self._example(s, q))  # type: ignore[misc]
+        for t in frame_counts:
+            for size in self.fast.bucket_list(self.slots):
+                self._steps.get(f"decoder{t}", size, self._step, lambda s=size, t=t: self._example(s, t, q))  # type: ignore[misc]

@@ -61,6 +61,16 @@ ENCODINGS: dict[int, PcmEncoding] = {
     pb.ALAW: PcmEncoding.ALAW,
 }
 MAX_SEED = 2**63 - 1 - 1_000_000  # the engine adds the utterance index to the seed
+PACKET_POLICIES: dict[int, str] = {pb.PACKET_POLICY_FIXED: "fixed", pb.PACKET_POLICY_ADAPTIVE: "adaptive"}
+
+
+def wire_packet_policy(value: int, field: str = "config.packet_policy") -> str | None:
+    """The engine's name of a wire ``PacketPolicy`` (None: unspecified)."""
+    if value == pb.PACKET_POLICY_UNSPECIFIED:
+        return None
+    if value not in PACKET_POLICIES:
+        raise InvalidInputError(f"unknown packet policy {value}", field=field)
+    return PACKET_POLICIES[value]
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,7 @@ class Runtime:
             log.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
         self.engine = Engine(self.ckpt, cfg.engine)
         self.engine.on_tick = metrics.observe_tick
+        self.engine.on_decode = metrics.observe_decode
         metrics.track_engine(self.engine)
         from qwen3tts_rt.server.voice_store import open_voice_store  # directory or Redis, per cfg
 
@@ -436,6 +447,8 @@ class Runtime:
         seed: int | None,
         first_packet_frames: int | None = None,
         packet_frames: int | None = None,
+        packet_policy: str | None = None,
+        max_packet_frames: int | None = None,
         non_streaming_mode: bool = False,
         prefix: str = "config.",
     ) -> Session:
@@ -449,6 +462,8 @@ class Runtime:
                 seed=seed,
                 first_packet_frames=first_packet_frames,
                 packet_frames=packet_frames,
+                packet_policy=packet_policy,
+                max_packet_frames=max_packet_frames,
                 non_streaming_mode=non_streaming_mode,
             )
         except InvalidInputError as e:
@@ -477,6 +492,8 @@ class Runtime:
             seed=seed,
             first_packet_frames=cfg.first_packet_frames or None,
             packet_frames=cfg.packet_frames or None,
+            packet_policy=wire_packet_policy(cfg.packet_policy),
+            max_packet_frames=cfg.max_packet_frames or None,
             non_streaming_mode=layout,
         )
         return session, fmt

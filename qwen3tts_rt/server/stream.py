@@ -148,6 +148,7 @@ class SpeechStream:
                 u = self._utt(msg.utterance_id)
                 if u.first_text_at is None:
                     u.first_text_at = msg.first_text_at
+                metrics.PACKET_FRAMES.labels(self.api).observe(msg.frame_end - msg.frame_start)
                 pcm = u.resampler.push(msg.pcm)
                 if pcm.size:
                     yield self._audio(msg, u, pcm)
