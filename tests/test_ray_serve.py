@@ -175,8 +175,13 @@ def replica_of(call: Any) -> str:
     return dict(call.trailing_metadata() or ())[REPLICA_METADATA_KEY]
 
 
-def stream_requests(voice_id: str, frames: int, text: list[str] = TEXT) -> list[pb.StreamRequest]:
-    return [pb.StreamRequest(config=greedy(voice_id, frames)), *(pb.StreamRequest(text=t) for t in text)]
+def stream_requests(
+    voice_id: str, frames: int, text: list[str] = TEXT, **kw: object
+) -> list[pb.StreamRequest]:
+    return [
+        pb.StreamRequest(config=greedy(voice_id, frames, **kw)),
+        *(pb.StreamRequest(text=t) for t in text),
+    ]
 
 
 def first_audio(call: BidiCall) -> Iterator[pb.StreamResponse]:
@@ -318,7 +323,8 @@ def test_greedy_stream_through_the_proxy_matches_the_direct_server(
     cluster: Cluster, voice_id: str, tmp_path: Path, one_torch_thread: None
 ) -> None:
     reqs = [
-        *stream_requests(voice_id, 8),
+        # fixed packets: the bytes are compared, and adaptive packets group frames by timing
+        *stream_requests(voice_id, 8, packet_policy=pb.PACKET_POLICY_FIXED),
         pb.StreamRequest(flush=pb.Flush()),
         pb.StreamRequest(text="Bye now."),
     ]
