@@ -36,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "dos-token"
 GOOD = [("authorization", f"Bearer {TOKEN}")]
+GRPC_LIMIT = "Concurrent RPC limit exceeded!"  # grpcio's refusal past maximum_concurrent_rpcs
 MiB = 2**20
 SYNTHETIC_CANCELS = 200
 DISCONNECTS, WAVE = 60, 12
@@ -86,7 +87,9 @@ def test_health_watches_cannot_exhaust_the_server(ckpt: Checkpoint, tmp_path: Pa
                     outcomes.append("open")
                 except grpc.RpcError as e:
                     outcomes.append(e.code().name)
-                    assert "max_health_watches=2" in e.details(), e.details()
+                    # refused by the watch bound, or, when more of the 12 arrive before the
+                    # refused ones have ended (a loaded host), by gRPC's own max_concurrent_rpcs
+                    assert "max_health_watches=2" in e.details() or e.details() == GRPC_LIMIT, e.details()
             assert outcomes.count("open") == 2, outcomes
             assert outcomes.count("RESOURCE_EXHAUSTED") == 10, outcomes
             stub = pb_grpc.TextToSpeechStub(ch)
