@@ -56,6 +56,18 @@ def stub(server: ServerThread) -> Iterator[pb_grpc.TextToSpeechStub]:
         yield pb_grpc.TextToSpeechStub(ch)
 
 
+def test_server_info_says_the_packet_defaults(stub: pb_grpc.TextToSpeechStub) -> None:
+    got = stub.GetServerInfo(pb.GetServerInfoRequest()).packets
+    want = pb.PacketDefaults(
+        policy=pb.PACKET_POLICY_ADAPTIVE,
+        first_packet_frames=1,
+        packet_frames=1,
+        max_packet_frames=8,
+        margin_s=0.25,
+    )
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def ref_wav(speech_wav: Callable[..., bytes]) -> bytes:
     return speech_wav(1.5)

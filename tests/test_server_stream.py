@@ -231,6 +231,8 @@ def test_server_info(stub: pb_grpc.TextToSpeechStub, ckpt: Checkpoint) -> None:
     assert set(info.encodings) == {pb.PCM_S16LE, pb.FLOAT32_LE, pb.MULAW, pb.ALAW}
     assert info.limits.max_sessions == 4 and info.limits.max_ref_audio_bytes == 10 * 1024 * 1024
     assert info.limits.max_message_bytes > info.limits.max_ref_audio_bytes
+    assert info.packets.policy == pb.PACKET_POLICY_FIXED  # this module's server: --packet-policy fixed
+    assert (info.packets.first_packet_frames, info.packets.packet_frames) == (1, 1)
 
 
 # --------------------------------------------------------------------------- freeing sessions

@@ -25,7 +25,7 @@ import torch
 
 from qwen3tts_rt import metrics
 from qwen3tts_rt.audio import SUPPORTED_OUTPUT_RATES, PcmEncoding, load_reference_audio
-from qwen3tts_rt.engine.engine import Engine, Session, UtteranceOptions
+from qwen3tts_rt.engine.engine import Engine, EngineConfig, Session, UtteranceOptions
 from qwen3tts_rt.engine.messages import SessionClosed, SessionError
 from qwen3tts_rt.engine.voices import (
     VoiceClonePrompt,
@@ -71,6 +71,18 @@ def wire_packet_policy(value: int, field: str = "config.packet_policy") -> str |
     if value not in PACKET_POLICIES:
         raise InvalidInputError(f"unknown packet policy {value}", field=field)
     return PACKET_POLICIES[value]
+
+
+def packet_defaults(engine: EngineConfig) -> pb.PacketDefaults:
+    """What a stream whose config leaves the packet fields unset gets (``GetServerInfo``)."""
+    policy = {name: value for value, name in PACKET_POLICIES.items()}[engine.packet_policy]
+    return pb.PacketDefaults(
+        policy=policy,  # type: ignore[arg-type]
+        first_packet_frames=engine.first_packet_frames,
+        packet_frames=engine.packet_frames,
+        max_packet_frames=engine.max_packet_frames,
+        margin_s=engine.packet_margin_s,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from qwen3tts_rt.audio import SUPPORTED_OUTPUT_RATES
 from qwen3tts_rt.engine.text import has_speech
 from qwen3tts_rt.errors import InvalidInputError, TimeLimitError
 from qwen3tts_rt.server.errors import grpc_errors
-from qwen3tts_rt.server.runtime import Runtime
+from qwen3tts_rt.server.runtime import Runtime, packet_defaults
 from qwen3tts_rt.server.stream import AudioEvent, DoneEvent, ProgressEvent, SpeechStream
 from qwen3tts_rt.server.voice_store import VoiceRecord
 from qwen3tts_rt.v1 import tts_pb2 as pb
@@ -278,4 +278,5 @@ class TextToSpeechServicer(pb_grpc.TextToSpeechServicer):
             version=__version__,
             device=str(ckpt.model.device),
             dtype=str(ckpt.model.dtype).removeprefix("torch."),
+            packets=packet_defaults(cfg.engine),
         )
