@@ -17,6 +17,7 @@ from qwen3tts_rt.model.checkpoint import Checkpoint
 from qwen3tts_rt.server.app import ServerThread
 from qwen3tts_rt.v1 import tts_pb2 as pb
 from qwen3tts_rt.v1 import tts_pb2_grpc as pb_grpc
+from tests.reliability import record
 from tests.server_helpers import BidiCall, collect, start_server, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -139,6 +140,9 @@ def test_bad_utterance_requests_are_refused_clearly(
 
 
 def test_silent_streams_and_old_streams_end_with_deadline_exceeded(ckpt: Checkpoint, tmp_path: Path) -> None:
+    """Every session held by a stream that sends its config and then nothing: each ends with
+    DEADLINE_EXCEEDED naming the setting, the sessions come back, and the next stream is
+    served."""
     srv = start_server(
         ckpt,
         tmp_path / "voices",
@@ -150,11 +154,15 @@ def test_silent_streams_and_old_streams_end_with_deadline_exceeded(ckpt: Checkpo
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.TextToSpeechStub(ch)
-            call = BidiCall(stub).send(config=config(ckpt))  # then nothing
-            with pytest.raises(grpc.RpcError) as e:
-                collect(call)
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "stream_idle_timeout_s" in e.value.details()
+            silent = [BidiCall(stub).send(config=config(ckpt)) for _ in range(2)]  # then nothing
+            codes, details = [], []
+            for call in silent:
+                with pytest.raises(grpc.RpcError) as e:
+                    collect(call)
+                codes.append(e.value.code())
+                details.append(e.value.details())
+            assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2, codes
+            assert all("stream_idle_timeout_s" in d for d in details), details
             engine = srv.server.runtime.engine  # type: ignore[union-attr]
             assert wait_for(lambda: engine.live_sessions == 0, 10)
             # a stream that keeps speaking is not idle
@@ -162,16 +170,33 @@ def test_silent_streams_and_old_streams_end_with_deadline_exceeded(ckpt: Checkpo
             assert collect(call).dones
     finally:
         srv.stop()
+    record(
+        "idle holds",
+        "2 streams send a config, then nothing (max_sessions=2, stream_idle_timeout_s=0.5)",
+        code=codes[0].name,
+        message=details[0],
+        sessions_after=0,
+        next_stream="served",
+    )
     srv = start_server(ckpt, tmp_path / "voices2", max_sessions=2, warmup=False, max_stream_duration_s=0.5)
     try:
         with grpc.insecure_channel(srv.address) as ch:
-            call = BidiCall(pb_grpc.TextToSpeechStub(ch)).send(config=config(ckpt))
+            stub = pb_grpc.TextToSpeechStub(ch)
             with pytest.raises(grpc.RpcError) as e:
-                collect(call)
+                collect(BidiCall(stub).send(config=config(ckpt)))
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "max_stream_duration_s" in e.value.details()
+            engine = srv.server.runtime.engine  # type: ignore[union-attr]
+            assert wait_for(lambda: engine.live_sessions == 0, 10)
     finally:
         srv.stop()
+    record(
+        "idle holds",
+        "a stream older than max_stream_duration_s=0.5",
+        code=e.value.code().name,
+        message=e.value.details(),
+        sessions_after=0,
+    )
 
 
 def test_a_stored_voice_stream_does_not_wait_behind_clonings(
@@ -230,3 +255,9 @@ def test_a_stored_voice_stream_does_not_wait_behind_clonings(
         srv.stop()
     assert order[0] == "first-packet", order
     assert sorted(order[1:]) == sorted(f"clone-{k}" for k in range(10))
+    record(
+        "denial of service",
+        "a stored-voice stream while ten 60 s clonings are held in reference decoding",
+        first_packet_before_clonings_end="yes",
+        clonings_completed=len(order) - 1,
+    )
