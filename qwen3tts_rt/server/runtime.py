@@ -75,9 +75,8 @@ def wire_packet_policy(value: int, field: str = "config.packet_policy") -> str |
 
 def packet_defaults(engine: EngineConfig) -> pb.PacketDefaults:
     """What a stream whose config leaves the packet fields unset gets (``GetServerInfo``)."""
-    policy = {name: value for value, name in PACKET_POLICIES.items()}[engine.packet_policy]
     return pb.PacketDefaults(
-        policy=policy,  # type: ignore[arg-type]
+        policy=f"PACKET_POLICY_{engine.packet_policy.upper()}",  # the enum value of that name
         first_packet_frames=engine.first_packet_frames,
         packet_frames=engine.packet_frames,
         max_packet_frames=engine.max_packet_frames,
